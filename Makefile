@@ -1,0 +1,46 @@
+# cvops — common commands. `make demo` sets everything up and runs the demo; `make test` tests.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= configs/full_flow.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint format lock bench clean-demo
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"cvops needs Python 3.11, found {sys.version}"'
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	touch $@
+
+setup: $(STAMP)  ## create .venv and install cvops with the locked dependencies
+
+demo: setup  ## generate the DVC demo dataset and run the full flow
+	$(BIN)/cvops data demo-repo
+	$(BIN)/cvops run $(CONFIG)
+
+test: setup  ## the whole test suite (slow end-to-end tests included)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## tests without the slow end-to-end ones
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check src tests benchmarks run_flow.py
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format src tests benchmarks run_flow.py
+
+lock:  ## re-resolve requirements.lock from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+bench: setup
+	$(BIN)/python benchmarks/train_input.py
+
+clean-demo:  ## remove the demo's data and results (datasets/, central_storage/, .cvops/)
+	rm -rf datasets central_storage .cvops

@@ -1,0 +1,199 @@
+"""The typed flow config: one YAML drives every flow (reference-compatible keys).
+
+Every section is validated before any work starts; a wrong or missing field fails with one
+message naming the file and the field (`ConfigError`). Unknown keys are rejected so that a typo
+does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the offending field."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSize(StrictModel):
+    w: PositiveInt
+    h: PositiveInt
+
+
+class DriftDetectionConfig(StrictModel):
+    uae_model_suffix: str = "_uae"
+    uae_encoding_dims: PositiveInt = 32
+    bbsd_model_suffix: str = "_bbsd"
+    bbsd_layer_idx: int = -1
+    reference_data_suffix: str = "_ref_data"
+    reference_data_n_sample: PositiveInt = 5000
+
+
+class ModelConfig(StrictModel):
+    model_name: str = Field(pattern=SAFE_NAME)
+    input_size: InputSize
+    classes: list[str] = Field(min_length=2)
+    classifier_activation: Literal["softmax"] = "softmax"
+    classifier_type: Literal["multi-class"] = "multi-class"
+    classification_layer: str = "classify_head"
+    save_dir: Path = Path("models")
+    drift_detection: DriftDetectionConfig = DriftDetectionConfig()
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, classes: list[str]) -> list[str]:
+        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"class names must be unique, repeated: {dupes}")
+        return classes
+
+
+class DatasetConfig(StrictModel):
+    ds_root: Path
+    ds_name: str = Field(pattern=SAFE_NAME)
+    dvc_tag: str | None = None
+    dvc_checkout: bool = True
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+
+    @property
+    def path(self) -> Path:
+        return self.ds_root / self.ds_name
+
+
+class Hparams(StrictModel):
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    init_lr: PositiveFloat
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+
+
+class AugmentationConfig(StrictModel):
+    """Train-time augmentation; the reference used brightness, horizontal flip, rotation/scale."""
+
+    enabled: bool = True
+    brightness: float = Field(default=0.15, ge=0.0, le=1.0)
+    horizontal_flip: bool = True
+    rotation: float = Field(default=0.05, ge=0.0, le=0.5, description="fraction of a full turn")
+    zoom: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class MlflowExperiment(StrictModel):
+    exp_name: str = Field(min_length=1)
+    exp_desc: str = ""
+    exp_tags: dict[str, str] = {}
+
+
+class ValidationGateConfig(StrictModel):
+    """Slot for the data-validation step (report + gates); not run until that step exists."""
+
+    enabled: bool = True
+
+
+class TrainConfig(StrictModel):
+    hparams: Hparams
+    mlflow: MlflowExperiment
+    augmentation: AugmentationConfig = AugmentationConfig()
+    validation: ValidationGateConfig = ValidationGateConfig()
+    register_model: bool = True
+
+
+class EvaluateConfig(StrictModel):
+    subset: Literal["train", "test"] = "test"
+    mlflow: MlflowExperiment | None = None
+
+
+class DeployPrefectConfig(StrictModel):
+    git_repo_root: Path | None = None
+    deployment_name: str = "drift_detection_evidently"
+
+
+class DeployConfig(StrictModel):
+    model_metadata_file_name: str | None = None
+    prefect: DeployPrefectConfig = DeployPrefectConfig()
+
+
+class FlowConfig(StrictModel):
+    flow_module: str
+    seed: int = 42
+    model: ModelConfig | None = None
+    dataset: DatasetConfig | None = None
+    train: TrainConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    deploy: DeployConfig | None = None
+    source: str = Field(default="<dict>", exclude=True)
+
+    def require(self, *sections: str) -> None:
+        """Fail early, naming the section a flow needs but the config lacks."""
+        for name in sections:
+            if getattr(self, name) is None:
+                raise ConfigError(
+                    f"Invalid config {self.source}: {name}: section is required by "
+                    f"flow_module {self.flow_module}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        parts.append(f"{loc}: {e['msg']}{got}")
+    return f"Invalid config {source}: " + "; ".join(parts)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> FlowConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"Invalid config {source}: <root>: expected a mapping of sections")
+    try:
+        cfg = FlowConfig.model_validate({**data, "source": source})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    resolve_flow_module(cfg.flow_module, source)
+    return cfg
+
+
+def load_config(path: str | Path) -> FlowConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Invalid config {path}: not valid YAML: {err}") from None
+    return parse_config(data or {}, source=str(path))
+
+
+def resolve_flow_module(name: str, source: str = "<dict>") -> str:
+    """Map reference names (`flows.full_flow`) to ours and check the module has `start`."""
+    module_name = f"cvops.{name}" if name.startswith("flows.") else name
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise ConfigError(
+            f"Invalid config {source}: flow_module: no module named {name!r} "
+            "(expected e.g. cvops.flows.full_flow or flows.train_flow)"
+        ) from None
+    if not callable(getattr(module, "start", None)):
+        raise ConfigError(f"Invalid config {source}: flow_module: {name!r} has no start(config)")
+    return module_name

@@ -1,0 +1,128 @@
+"""Eval flow: the packaged model on the configured split -> metrics and figures in MLflow."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+import mlflow
+from mlflow.tracking import MlflowClient
+from prefect import flow
+from prefect.artifacts import create_link_artifact
+
+from cvops import tracking
+from cvops.config import FlowConfig
+from cvops.data.images import check_classes, index_split, select_classes
+from cvops.flows.common import as_config, step
+from cvops.model.evaluate import (
+    Evaluation,
+    classification_report_figure,
+    confusion_matrix_figure,
+    evaluate,
+    predict,
+)
+from cvops.model.pipeline import make_dataset
+from cvops.settings import Settings, get_settings
+from cvops.storage import CentralStorage, ModelMetadata, read_metadata, write_metadata
+
+log = logging.getLogger(__name__)
+
+
+def metadata_file_name(cfg: FlowConfig) -> str:
+    if cfg.deploy and cfg.deploy.model_metadata_file_name:
+        return cfg.deploy.model_metadata_file_name
+    assert cfg.model is not None
+    return f"{cfg.model.model_name}.yaml"
+
+
+@step("evaluate-model")
+def evaluate_model(cfg: FlowConfig, storage: CentralStorage, meta: ModelMetadata) -> Evaluation:
+    assert cfg.dataset is not None and cfg.evaluate is not None
+    model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
+    frame = index_split(cfg.dataset.path, cfg.evaluate.subset)
+    check_classes(frame, meta.classes, f"{cfg.dataset.path} [{cfg.evaluate.subset}]")
+    frame = select_classes(frame, meta.classes)
+    size = (meta.input_size.h, meta.input_size.w)
+    ds = make_dataset(frame["path"].tolist(), frame["target"].tolist(), size, 128, cache=False)
+    probs, targets = predict(model, ds)
+    result = evaluate(probs, targets, meta.classes)
+    log.info(
+        "Evaluation on %s (%d images): accuracy %.4f, macro OvR AUC %.4f",
+        cfg.evaluate.subset, len(frame), result.accuracy, result.auc_macro_ovr,
+    )
+    return result
+
+
+@step("log-evaluation")
+def log_evaluation(
+    cfg: FlowConfig, settings: Settings, meta: ModelMetadata, result: Evaluation
+) -> str:
+    """Log to an eval run (evaluate.mlflow experiment) and copy the headline to the train run."""
+    assert cfg.evaluate is not None
+    experiment = cfg.evaluate.mlflow or (cfg.train.mlflow if cfg.train else None)
+    if experiment is None:
+        raise ValueError("evaluate.mlflow (or train.mlflow) is needed to log the evaluation")
+    experiment_id = tracking.ensure_experiment(experiment, settings)
+    subset = cfg.evaluate.subset
+    metrics = {f"{subset}_accuracy": result.accuracy, f"{subset}_auc_macro_ovr": result.auc_macro_ovr}
+    tags = {
+        "flow": "eval_flow",
+        "model_name": meta.model_name,
+        "model_version": str(meta.version),
+        "train_run_id": str(meta.mlflow_run_id),
+        "git_sha": tracking.git_sha() or "unknown",
+        **experiment.exp_tags,
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{meta.model_name}",
+                          tags=tags) as run:
+        mlflow.log_metrics(metrics)
+        mlflow.log_figure(confusion_matrix_figure(result), "evaluation/confusion_matrix.png")
+        mlflow.log_figure(
+            classification_report_figure(result), "evaluation/classification_report.png"
+        )
+        mlflow.log_table(result.report_table(), "evaluation/classification_report.json")
+        mlflow.log_dict({"confusion_matrix": result.confusion.tolist(),
+                         "classes": result.classes}, "evaluation/confusion_matrix.json")
+    if meta.mlflow_run_id:
+        client = MlflowClient()
+        for key, value in metrics.items():
+            client.log_metric(meta.mlflow_run_id, key, value)
+        client.set_tag(meta.mlflow_run_id, "eval_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+@flow(name="eval_flow", log_prints=True)
+def eval_flow(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = as_config(config, "model", "dataset", "evaluate")
+    settings = get_settings()
+    tracking.configure(settings)
+    storage = CentralStorage(settings.central_storage_path)
+    meta_path = storage.metadata_path(metadata_file_name(cfg))
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no packaged model at {meta_path}: run the train flow first")
+    meta = read_metadata(meta_path)
+    result = evaluate_model(cfg, storage, meta)
+    run_id = log_evaluation(cfg, settings, meta, result)
+    assert cfg.evaluate is not None
+    meta.metrics = {
+        **meta.metrics,
+        f"{cfg.evaluate.subset}_accuracy": result.accuracy,
+        f"{cfg.evaluate.subset}_auc_macro_ovr": result.auc_macro_ovr,
+    }
+    write_metadata(meta_path, meta)
+    link = tracking.run_link(run_id, settings)
+    if link.startswith("http"):
+        create_link_artifact(link, link_text="MLflow evaluation run", key="mlflow-eval-run")
+    return {
+        "eval_run_id": run_id,
+        "eval_run_link": link,
+        "test_accuracy": result.accuracy,
+        "test_auc": result.auc_macro_ovr,
+    }
+
+
+def start(config: dict[str, Any]) -> dict[str, Any]:
+    """Reference entry point: run the eval flow for a config dict."""
+    as_config(config, "model", "dataset", "evaluate")
+    return eval_flow(config)

@@ -1,0 +1,155 @@
+"""Train flow: data version -> validation slot -> fit -> detectors -> package + register."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+import mlflow
+import mlflow.keras
+from mlflow.tracking import MlflowClient
+from prefect import flow
+from prefect.artifacts import create_link_artifact
+
+from cvops import tracking
+from cvops.config import FlowConfig
+from cvops.data.dataversion import resolve_data_version
+from cvops.flows.common import as_config, step
+from cvops.model.train import Splits, build_detectors, fit_model, load_splits, save_package
+from cvops.settings import Settings, get_settings
+from cvops.storage import CentralStorage, ModelMetadata, utc_now, write_metadata
+
+log = logging.getLogger(__name__)
+
+MODEL_PIP_REQUIREMENTS = ["tensorflow-cpu>=2.21,<2.22", "keras>=3.10,<4"]
+
+
+@step("prepare-data")
+def prepare_data(cfg: FlowConfig) -> dict[str, Any]:
+    assert cfg.dataset is not None
+    return resolve_data_version(cfg.dataset)
+
+
+@step("start-run")
+def start_run(cfg: FlowConfig, settings: Settings, data_version: dict[str, Any]) -> str:
+    assert cfg.train is not None and cfg.model is not None and cfg.dataset is not None
+    experiment_id = tracking.ensure_experiment(cfg.train.mlflow, settings)
+    tags = {
+        "git_sha": tracking.git_sha() or "unknown",
+        "model_name": cfg.model.model_name,
+        "data.tag": str(data_version.get("tag")),
+        "data.dvc_hash": str(data_version.get("dvc_hash")),
+        "flow": "train_flow",
+        **cfg.train.mlflow.exp_tags,
+    }
+    run = MlflowClient().create_run(experiment_id, tags=tags, run_name=cfg.model.model_name)
+    params = {
+        **tracking.flat_params("hparams", cfg.train.hparams.model_dump()),
+        **tracking.flat_params("augmentation", cfg.train.augmentation.model_dump()),
+        "input_size": f"{cfg.model.input_size.w}x{cfg.model.input_size.h}",
+        "n_classes": len(cfg.model.classes),
+        "seed": cfg.seed,
+        "dataset": cfg.dataset.ds_name,
+        **{f"data.{k}": v for k, v in data_version.items()},
+    }
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_params(params)
+        mlflow.log_dict(cfg.to_dict(), "config/flow_config.yaml")
+    return run.info.run_id
+
+
+@step("validate-data")
+def validate_data(cfg: FlowConfig, run_id: str) -> None:
+    """Slot for the train/test validation report and gates (data-validation issue)."""
+    assert cfg.train is not None
+    status = "not_available" if cfg.train.validation.enabled else "disabled"
+    log.info("Data validation report: %s (the validation step is not built yet)", status)
+    MlflowClient().set_tag(run_id, "data_validation", status)
+
+
+@step("load-splits")
+def load_data(cfg: FlowConfig) -> Splits:
+    assert cfg.dataset is not None
+    return load_splits(cfg, cfg.dataset.path)
+
+
+@step("train-model")
+def train_model(cfg: FlowConfig, splits: Splits, run_id: str) -> keras.Model:
+    with mlflow.start_run(run_id=run_id):
+        model, history = fit_model(cfg, splits, callbacks=[mlflow.keras.MlflowCallback()])
+        final = {f"final_{k}": float(v[-1]) for k, v in history.items()}
+        mlflow.log_metrics(final)
+    log.info("Training done: %s", {k: round(v, 4) for k, v in final.items()})
+    return model
+
+
+@step("package-model")
+def package_model(
+    cfg: FlowConfig,
+    settings: Settings,
+    model: keras.Model,
+    splits: Splits,
+    data_version: dict[str, Any],
+    run_id: str,
+) -> dict[str, Any]:
+    """Detectors + reference data, saved to save_dir, registered, published to storage."""
+    assert cfg.model is not None and cfg.train is not None
+    uae, bbsd, ref = build_detectors(cfg, model, splits)
+    name = cfg.model.model_name
+    names = CentralStorage.artifact_names(name, cfg.model.drift_detection)
+    files = save_package(cfg.model.save_dir, name, names, model, uae, bbsd, ref)
+    version = None
+    with mlflow.start_run(run_id=run_id):
+        if cfg.train.register_model:
+            info = mlflow.keras.log_model(
+                model,
+                name="model",
+                registered_model_name=name,
+                pip_requirements=MODEL_PIP_REQUIREMENTS,
+            )
+            version = str(info.registered_model_version)
+        metadata = ModelMetadata(
+            **cfg.model.model_dump(mode="json", exclude={"save_dir"}),
+            **names,
+            version=version,
+            data_version=data_version,
+            mlflow_run_id=run_id,
+            created_on=utc_now(),
+        )
+        local_meta = cfg.model.save_dir / f"{name}.yaml"
+        write_metadata(local_meta, metadata)
+        mlflow.log_artifact(str(local_meta), "package")
+        mlflow.log_artifact(str(files["reference_data_path"]), "package")
+    storage = CentralStorage(settings.central_storage_path)
+    meta_path = storage.publish(files, metadata)
+    return {
+        "model_name": name,
+        "model_version": version,
+        "metadata_file": meta_path.name,
+        "metadata_path": str(meta_path.relative_to(storage.root)),
+        **names,
+    }
+
+
+@flow(name="train_flow", log_prints=True)
+def train_flow(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = as_config(config, "model", "dataset", "train")
+    settings = get_settings()
+    tracking.configure(settings)
+    data_version = prepare_data(cfg)
+    run_id = start_run(cfg, settings, data_version)
+    validate_data(cfg, run_id)
+    splits = load_data(cfg)
+    model = train_model(cfg, splits, run_id)
+    packaged = package_model(cfg, settings, model, splits, data_version, run_id)
+    link = tracking.run_link(run_id, settings)
+    if link.startswith("http"):
+        create_link_artifact(link, link_text="MLflow training run", key="mlflow-train-run")
+    return {**packaged, "run_id": run_id, "data_version": data_version, "train_run_link": link}
+
+
+def start(config: dict[str, Any]) -> dict[str, Any]:
+    """Reference entry point: run the train flow for a config dict."""
+    as_config(config, "model", "dataset", "train")
+    return train_flow(config)

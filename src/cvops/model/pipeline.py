@@ -1,0 +1,68 @@
+"""tf.data input pipeline: read -> shared preprocessing -> cache -> shuffle -> batch -> augment.
+
+Augmentation uses Keras preprocessing layers (maintained with Keras; imgaug breaks on numpy 2),
+seeded so that the same seed gives the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from cvops.config import AugmentationConfig
+from cvops.model.preprocess import preprocess_image
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def build_augmenter(cfg: AugmentationConfig, seed: int) -> keras.Sequential | None:
+    """Brightness, horizontal flip, rotation and scale, as in the reference pipeline."""
+    if not cfg.enabled:
+        return None
+    steps: list[keras.layers.Layer] = []
+    if cfg.brightness > 0:
+        steps.append(
+            keras.layers.RandomBrightness(cfg.brightness, value_range=(0.0, 1.0), seed=seed)
+        )
+    if cfg.horizontal_flip:
+        steps.append(keras.layers.RandomFlip("horizontal", seed=seed + 1))
+    if cfg.rotation > 0:
+        steps.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed + 2))
+    if cfg.zoom > 0:
+        steps.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="reflect", seed=seed + 3))
+    return keras.Sequential(steps, name="augment") if steps else None
+
+
+def make_dataset(
+    paths: Sequence[str],
+    targets: Sequence[int],
+    size: tuple[int, int],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    augment: AugmentationConfig | None = None,
+    seed: int = 0,
+    cache: bool = True,
+) -> tf.data.Dataset:
+    """Batches of (images float32 [0,1], int targets); `size` is (height, width)."""
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(list(paths), tf.string), tf.constant(list(targets), tf.int32))
+    )
+    ds = ds.map(
+        lambda path, target: (preprocess_image(tf.io.read_file(path), size), target),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(max(1, len(paths)), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    augmenter = build_augmenter(augment, seed) if augment is not None else None
+    if augmenter is not None:
+        # Sequential on purpose: the layers' seed state advances per call, so parallel calls
+        # would make batches depend on thread timing. Batched ops keep it cheap.
+        ds = ds.map(lambda images, target: (augmenter(images, training=True), target))
+    return ds.prefetch(AUTOTUNE)

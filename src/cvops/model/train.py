@@ -1,0 +1,130 @@
+"""Training as plain functions: splits, fit, detectors and reference data, saving a package."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import pandas as pd
+import tensorflow as tf
+
+from cvops.config import FlowConfig
+from cvops.data.images import check_classes, index_split, select_classes, stratified_split
+from cvops.model.build import build_model, make_optimizer
+from cvops.model.drift import build_bbsd, build_uae, embed, reference_frame
+from cvops.model.pipeline import make_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+
+def input_hw(cfg: FlowConfig) -> tuple[int, int]:
+    assert cfg.model is not None
+    return cfg.model.input_size.h, cfg.model.input_size.w
+
+
+def load_splits(cfg: FlowConfig, dataset_dir: Path) -> Splits:
+    """Index train/test, keep the configured classes, hold out a validation share of train."""
+    assert cfg.model is not None and cfg.dataset is not None
+    classes = cfg.model.classes
+    frames = {}
+    for split in ("train", "test"):
+        frame = index_split(dataset_dir, split)
+        check_classes(frame, classes, f"{dataset_dir} [{split}]")
+        frames[split] = select_classes(frame, classes)
+    train, val = stratified_split(frames["train"], cfg.dataset.val_fraction, cfg.seed)
+    log.info("Images: train %d, val %d, test %d", len(train), len(val), len(frames["test"]))
+    return Splits(train=train, val=val, test=frames["test"])
+
+
+def split_dataset(
+    cfg: FlowConfig, frame: pd.DataFrame, *, training: bool = False, batch_size: int | None = None
+) -> tf.data.Dataset:
+    assert cfg.train is not None or batch_size is not None
+    size = batch_size or cfg.train.hparams.batch_size  # type: ignore[union-attr]
+    return make_dataset(
+        frame["path"].tolist(),
+        frame["target"].tolist(),
+        input_hw(cfg),
+        size,
+        shuffle=training,
+        augment=cfg.train.augmentation if training and cfg.train else None,
+        seed=cfg.seed,
+    )
+
+
+def fit_model(
+    cfg: FlowConfig, splits: Splits, callbacks: list[keras.callbacks.Callback] | None = None
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    assert cfg.model is not None and cfg.train is not None
+    keras.utils.set_random_seed(cfg.seed)
+    hp = cfg.train.hparams
+    model = build_model(
+        input_hw(cfg),
+        len(cfg.model.classes),
+        classification_layer=cfg.model.classification_layer,
+        activation=cfg.model.classifier_activation,
+    )
+    model.compile(
+        optimizer=make_optimizer(hp.optimizer, hp.init_lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
+    val_ds = split_dataset(cfg, splits.val) if len(splits.val) else None
+    history = model.fit(
+        split_dataset(cfg, splits.train, training=True),
+        validation_data=val_ds,
+        epochs=hp.epochs,
+        callbacks=callbacks or [],
+        verbose=2,
+    )
+    return model, history.history
+
+
+def build_detectors(
+    cfg: FlowConfig, model: keras.Model, splits: Splits
+) -> tuple[keras.Model, keras.Model, pd.DataFrame]:
+    """UAE + BBSD detectors and reference features of up to n_sample training images."""
+    assert cfg.model is not None
+    drift = cfg.model.drift_detection
+    uae = build_uae(input_hw(cfg), drift.uae_encoding_dims, seed=cfg.seed)
+    bbsd = build_bbsd(model, drift.bbsd_layer_idx)
+    sample = splits.train
+    if len(sample) > drift.reference_data_n_sample:
+        sample = sample.sample(n=drift.reference_data_n_sample, random_state=cfg.seed)
+    ds = split_dataset(cfg, sample.reset_index(drop=True), batch_size=256)
+    uae_feats, bbsd_feats, targets = embed(uae, bbsd, ds)
+    ref = reference_frame(uae_feats, bbsd_feats, targets, cfg.model.classes)
+    log.info("Reference data: %d rows (uae %d-d, bbsd %d-d)", len(ref), *_dims(ref))
+    return uae, bbsd, ref
+
+
+def _dims(ref: pd.DataFrame) -> tuple[int, int]:
+    return len(ref["uae_feats"].iloc[0]), len(ref["bbsd_feats"].iloc[0])
+
+
+def save_package(
+    save_dir: Path,
+    model_name: str,
+    names: dict[str, str],
+    model: keras.Model,
+    uae: keras.Model,
+    bbsd: keras.Model,
+    ref: pd.DataFrame,
+) -> dict[str, Path]:
+    """Save everything to the local save_dir under the same names central storage uses."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    files = {key: save_dir / Path(rel).name for key, rel in names.items()}
+    model.save(files["model_path"])
+    uae.save(files["uae_model_path"])
+    bbsd.save(files["bbsd_model_path"])
+    ref.to_parquet(files["reference_data_path"], index=False)
+    return files

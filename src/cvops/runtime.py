@@ -1,0 +1,34 @@
+"""Process-wide defaults set before Prefect/TensorFlow import (env only, nothing mutable)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+DEFAULT_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "cvops",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def bootstrap_env() -> None:
+    """Quiet, project-local defaults; anything the user already set wins."""
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    if not os.environ.get("PREFECT_API_URL"):
+        # Embedded mode: keep Prefect's ephemeral database inside the project state folder.
+        state = Path(os.environ.get("CVOPS_STATE_DIR", ".cvops")).resolve()
+        os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=False
+    )
+    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

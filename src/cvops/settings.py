@@ -1,0 +1,60 @@
+"""Machine-level settings (where things live, which servers to use), read from env and `.env`.
+
+Kept apart from the flow config so one YAML runs unchanged on embedded defaults and on the
+full stack: only these settings differ. The reference's variable names (`CENTRAL_STORAGE_PATH`,
+`MLFLOW_TRACKING_URI`) are kept as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_prefix="CVOPS_", extra="ignore")
+
+    state_dir: Path = Field(
+        default=Path(".cvops"),
+        description="Local state of embedded defaults (MLflow SQLite store, Prefect home, logs).",
+    )
+    central_storage_path: Path = Field(
+        default=Path("central_storage"),
+        validation_alias=AliasChoices("CENTRAL_STORAGE_PATH", "CVOPS_CENTRAL_STORAGE_PATH"),
+        description="Shared folder holding models/ and ref_data/ (the reference's central storage).",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "CVOPS_MLFLOW_TRACKING_URI"),
+        description="MLflow server or store; None means a SQLite store under state_dir.",
+    )
+    seed: int = 42
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.state_dir.resolve() / "mlflow"
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_root(self) -> str | None:
+        """Artifact root for new experiments on the embedded store; a server decides its own."""
+        if self.mlflow_tracking_uri and not self.mlflow_tracking_uri.startswith(("sqlite:", "file:")):
+            return None
+        return (self.mlflow_dir / "artifacts").as_uri()
+
+    @property
+    def dvc_remote_root(self) -> Path:
+        return self.central_storage_path.resolve() / "dvc_remote"
+
+
+def get_settings() -> Settings:
+    """Fresh settings each call: tests and flows change the environment between runs."""
+    return Settings()
+
