@@ -18,7 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Demo dataset, shift scenarios and dataset versions.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Demo dataset, shift scenarios and dataset versions.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 log = logging.getLogger("cvops.cli")
@@ -79,7 +81,10 @@ def data_demo(
     configure_logging()
     classes = CLASSES[:n_classes] if n_classes else None
     csv = generate_demo_dataset(
-        out, n_train_per_class=train_per_class, n_test_per_class=test_per_class, seed=seed,
+        out,
+        n_train_per_class=train_per_class,
+        n_test_per_class=test_per_class,
+        seed=seed,
         classes=classes,
     )
     typer.echo(f"Demo dataset written to {out} (annotations: {csv})")

@@ -24,11 +24,14 @@ def bootstrap_env() -> None:
         # Embedded mode: keep Prefect's ephemeral database inside the project state folder.
         state = Path(os.environ.get("CVOPS_STATE_DIR", ".cvops")).resolve()
         os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=False
-    )
+    """Our loggers at `level` whether or not Prefect configured logging first (it sets the
+    root logger to WARNING and attaches its handlers to `cvops` via extra loggers)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("cvops").setLevel(level)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     central_storage_path: Path = Field(
         default=Path("central_storage"),
         validation_alias=AliasChoices("CENTRAL_STORAGE_PATH", "CVOPS_CENTRAL_STORAGE_PATH"),
-        description="Shared folder holding models/ and ref_data/ (the reference's central storage).",
+        description="Shared folder with models/ and ref_data/ (the reference's central storage).",
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,
@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     @property
     def mlflow_artifact_root(self) -> str | None:
         """Artifact root for new experiments on the embedded store; a server decides its own."""
-        if self.mlflow_tracking_uri and not self.mlflow_tracking_uri.startswith(("sqlite:", "file:")):
+        if self.mlflow_tracking_uri and not self.mlflow_tracking_uri.startswith(
+            ("sqlite:", "file:")
+        ):
             return None
         return (self.mlflow_dir / "artifacts").as_uri()
 
@@ -57,4 +59,3 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Fresh settings each call: tests and flows change the environment between runs."""
     return Settings()
-

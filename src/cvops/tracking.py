@@ -63,8 +63,7 @@ def run_link(run_id: str, settings: Settings) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     return (
-        f"mlflow ui --backend-store-uri {uri} --port 5050  then open "
-        f"http://127.0.0.1:5050/{path}"
+        f"mlflow ui --backend-store-uri {uri} --port 5050  then open http://127.0.0.1:5050/{path}"
     )
 
 

@@ -12,8 +12,15 @@ def test_reference_cnn_architecture() -> None:
     model = build_model((50, 50), 10)
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == [
-        "InputLayer", "Conv2D", "MaxPooling2D", "Conv2D", "Conv2D",
-        "GlobalAveragePooling2D", "Dense", "Dense", "Dense",
+        "InputLayer",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "Conv2D",
+        "GlobalAveragePooling2D",
+        "Dense",
+        "Dense",
+        "Dense",
     ]
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert [c.filters for c in convs] == [128, 128, 64]
@@ -53,8 +60,9 @@ def test_bbsd_is_classifier_softmax() -> None:
 
 
 def test_reference_frame_columns() -> None:
-    frame = reference_frame(np.ones((3, 32)), np.full((3, 5), 0.2), np.array([0, 4, 1]),
-                            ["a", "b", "c", "d", "e"])
+    frame = reference_frame(
+        np.ones((3, 32)), np.full((3, 5), 0.2), np.array([0, 4, 1]), ["a", "b", "c", "d", "e"]
+    )
     assert list(frame.columns) == ["uae_feats", "bbsd_feats", "label"]
     assert frame["label"].tolist() == ["a", "e", "b"]
     assert len(frame["uae_feats"][0]) == 32 and len(frame["bbsd_feats"][0]) == 5
@@ -76,8 +84,15 @@ def image_paths(tmp_path):
 
 def test_pipeline_is_deterministic_under_seed(image_paths) -> None:
     def batches(seed: int) -> list[np.ndarray]:
-        ds = make_dataset(image_paths, list(range(12)), (50, 50), 5, shuffle=True,
-                          augment=AugmentationConfig(), seed=seed)
+        ds = make_dataset(
+            image_paths,
+            list(range(12)),
+            (50, 50),
+            5,
+            shuffle=True,
+            augment=AugmentationConfig(),
+            seed=seed,
+        )
         return [images.numpy() for _ in range(2) for images, _ in ds]
 
     first, again, other = batches(3), batches(3), batches(4)
@@ -88,8 +103,11 @@ def test_pipeline_is_deterministic_under_seed(image_paths) -> None:
 
 def test_augmentation_changes_images_but_not_eval(image_paths) -> None:
     plain = next(iter(make_dataset(image_paths, [0] * 12, (50, 50), 12)))[0].numpy()
-    augmented = next(iter(make_dataset(image_paths, [0] * 12, (50, 50), 12,
-                                       augment=AugmentationConfig(), seed=1)))[0].numpy()
+    augmented = next(
+        iter(
+            make_dataset(image_paths, [0] * 12, (50, 50), 12, augment=AugmentationConfig(), seed=1)
+        )
+    )[0].numpy()
     again = next(iter(make_dataset(image_paths, [0] * 12, (50, 50), 12)))[0].numpy()
     assert not np.allclose(plain, augmented)
     np.testing.assert_array_equal(plain, again)

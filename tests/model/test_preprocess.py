@@ -21,7 +21,7 @@ def test_shape_range_dtype(fmt: str) -> None:
     out = preprocess_image(encode(img, fmt), (50, 40)).numpy()
     assert out.shape == (50, 40, 3)
     assert out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_constant_image_keeps_its_value() -> None:
@@ -47,7 +47,9 @@ def test_same_result_eager_and_in_tf_data() -> None:
     img = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     data = encode(img, "JPEG")
     eager = preprocess_image(data, (50, 50)).numpy()
-    ds = tf.data.Dataset.from_tensors(tf.constant(data)).map(lambda b: preprocess_image(b, (50, 50)))
+    ds = tf.data.Dataset.from_tensors(tf.constant(data)).map(
+        lambda b: preprocess_image(b, (50, 50))
+    )
     graph = next(iter(ds)).numpy()
     np.testing.assert_array_equal(eager, graph)
 

@@ -28,10 +28,15 @@ def summary(results: dict[str, Any], settings: Settings) -> str:
     """Human-readable 'where are my results' lines printed at the end of a run."""
     storage = Path(settings.central_storage_path).resolve()
     lines = ["", "Results", f"  central storage : {storage}"]
-    for key in ("metadata_path", "model_path", "uae_model_path", "bbsd_model_path",
-                "reference_data_path"):
+    for key, label in (
+        ("metadata_path", "metadata"),
+        ("model_path", "model"),
+        ("uae_model_path", "UAE detector"),
+        ("bbsd_model_path", "BBSD detector"),
+        ("reference_data_path", "reference data"),
+    ):
         if key in results:
-            lines.append(f"  {key.replace('_', ' '):<16}: {storage / results[key]}")
+            lines.append(f"  {label:<16}: {storage / results[key]}")
     for key, label in (("test_accuracy", "test accuracy"), ("test_auc", "test macro AUC")):
         if key in results:
             lines.append(f"  {label:<16}: {results[key]:.4f}")
@@ -40,7 +45,10 @@ def summary(results: dict[str, Any], settings: Settings) -> str:
         lines.append(f"  {'data version':<16}: {dv.get('tag')} ({dv.get('dvc_hash')})")
     if "model_version" in results:
         lines.append(f"  {'registry':<16}: {results.get('model_name')} v{results['model_version']}")
-    for key, label in (("train_run_link", "MLflow train run"), ("eval_run_link", "MLflow eval run")):
+    for key, label in (
+        ("train_run_link", "MLflow train run"),
+        ("eval_run_link", "MLflow eval run"),
+    ):
         if key in results:
             lines.append(f"  {label:<16}: {results[key]}")
     if results.get("deploy"):

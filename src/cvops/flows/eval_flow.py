@@ -49,7 +49,10 @@ def evaluate_model(cfg: FlowConfig, storage: CentralStorage, meta: ModelMetadata
     result = evaluate(probs, targets, meta.classes)
     log.info(
         "Evaluation on %s (%d images): accuracy %.4f, macro OvR AUC %.4f",
-        cfg.evaluate.subset, len(frame), result.accuracy, result.auc_macro_ovr,
+        cfg.evaluate.subset,
+        len(frame),
+        result.accuracy,
+        result.auc_macro_ovr,
     )
     return result
 
@@ -65,7 +68,10 @@ def log_evaluation(
         raise ValueError("evaluate.mlflow (or train.mlflow) is needed to log the evaluation")
     experiment_id = tracking.ensure_experiment(experiment, settings)
     subset = cfg.evaluate.subset
-    metrics = {f"{subset}_accuracy": result.accuracy, f"{subset}_auc_macro_ovr": result.auc_macro_ovr}
+    metrics = {
+        f"{subset}_accuracy": result.accuracy,
+        f"{subset}_auc_macro_ovr": result.auc_macro_ovr,
+    }
     tags = {
         "flow": "eval_flow",
         "model_name": meta.model_name,
@@ -74,16 +80,19 @@ def log_evaluation(
         "git_sha": tracking.git_sha() or "unknown",
         **experiment.exp_tags,
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{meta.model_name}",
-                          tags=tags) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"eval-{meta.model_name}", tags=tags
+    ) as run:
         mlflow.log_metrics(metrics)
         mlflow.log_figure(confusion_matrix_figure(result), "evaluation/confusion_matrix.png")
         mlflow.log_figure(
             classification_report_figure(result), "evaluation/classification_report.png"
         )
         mlflow.log_table(result.report_table(), "evaluation/classification_report.json")
-        mlflow.log_dict({"confusion_matrix": result.confusion.tolist(),
-                         "classes": result.classes}, "evaluation/confusion_matrix.json")
+        mlflow.log_dict(
+            {"confusion_matrix": result.confusion.tolist(), "classes": result.classes},
+            "evaluation/confusion_matrix.json",
+        )
     if meta.mlflow_run_id:
         client = MlflowClient()
         for key, value in metrics.items():

@@ -8,6 +8,8 @@ from typing import Any
 import keras
 import mlflow
 import mlflow.keras
+import numpy as np
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.artifacts import create_link_artifact
@@ -102,9 +104,12 @@ def package_model(
     version = None
     with mlflow.start_run(run_id=run_id):
         if cfg.train.register_model:
+            h, w = cfg.model.input_size.h, cfg.model.input_size.w
+            example = np.zeros((1, h, w, 3), dtype="float32")
             info = mlflow.keras.log_model(
                 model,
                 name="model",
+                signature=infer_signature(example, model(example).numpy()),
                 registered_model_name=name,
                 pip_requirements=MODEL_PIP_REQUIREMENTS,
             )

@@ -78,8 +78,15 @@ def confusion_matrix_figure(ev: Evaluation) -> Figure:
     ax.set_ylabel("true")
     threshold = ev.confusion.max() / 2 if ev.confusion.size else 0
     for (i, j), count in np.ndenumerate(ev.confusion):
-        ax.text(j, i, str(count), ha="center", va="center",
-                color="white" if count > threshold else "black", fontsize=8)
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            color="white" if count > threshold else "black",
+            fontsize=8,
+        )
     ax.set_title(f"Confusion matrix (accuracy {ev.accuracy:.3f})")
     fig.tight_layout()
     return fig

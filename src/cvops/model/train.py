@@ -84,6 +84,7 @@ def fit_model(
         validation_data=val_ds,
         epochs=hp.epochs,
         callbacks=callbacks or [],
+        shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=2,
     )
     return model, history.history
