@@ -146,3 +146,7 @@ def data_version(
     from cvops.data.versioning import current_version
 
     typer.echo(json.dumps(current_version(dataset).as_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    app()
