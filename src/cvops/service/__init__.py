@@ -1,0 +1,1 @@
+"""Model service: FastAPI app (prediction, Grad-CAM, embeddings) run by gunicorn workers."""

@@ -1,0 +1,92 @@
+"""FastAPI app factory: `create_app()` builds one worker's app; state lives on `app.state`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.responses import Response
+
+from cvops import __version__
+from cvops.service.routes import router
+from cvops.service.settings import ServiceSettings
+from cvops.service.state import ServiceState
+
+log = logging.getLogger(__name__)
+UNLOGGED_PATHS = frozenset({"/health_check", "/ready", "/metrics"})
+
+
+class RequestLogMiddleware(BaseHTTPMiddleware):
+    """Body limit, metrics and an `api_log` record for every API call (not probes)."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        state: ServiceState = request.app.state.svc
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > state.settings.max_body_bytes:
+            response: Response = JSONResponse(
+                {"detail": f"request body too large (limit {state.settings.max_body_bytes} bytes)"},
+                status_code=413,
+            )
+        else:
+            response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        route = request.scope.get("route")
+        route_name = getattr(route, "path", "unmatched")
+        state.metrics.requests.labels(request.method, route_name, str(response.status_code)).inc()
+        state.metrics.latency.labels(route_name).observe(elapsed)
+        if request.url.path not in UNLOGGED_PATHS:
+            records = []
+            prediction = getattr(request.state, "prediction_record", None)
+            if prediction is not None:
+                records.append(("prediction", prediction))
+            records.append(
+                (
+                    "api_log",
+                    {
+                        "id": str(uuid.uuid4()),
+                        "method": request.method,
+                        "url": str(request.url.path),
+                        "status": response.status_code,
+                        "message": None,
+                        "timespan": elapsed,
+                        "created_on": dt.datetime.now(dt.UTC).isoformat(),
+                        "prediction_id": prediction["id"] if prediction else None,
+                    },
+                )
+            )
+            # Off the request path: the spool write (fsync) runs in a thread, not awaited.
+            asyncio.get_running_loop().run_in_executor(None, state.recorder.record, records)
+        return response
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServiceState(settings)
+        app.state.svc = state
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(
+        title="cvops model service",
+        version=__version__,
+        description="Image classification with Grad-CAM heatmaps and drift embeddings.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestLogMiddleware)
+    app.include_router(router)
+    return app

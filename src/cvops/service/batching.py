@@ -1,0 +1,93 @@
+"""Micro-batching: concurrent requests in one worker share one model call, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    """Collects up to `max_size` items or waits at most `max_wait_s` after the first one,
+    then runs `fn(items)` in `executor` and hands each caller its own result."""
+
+    def __init__(
+        self,
+        fn: Callable[[Sequence[T]], Sequence[R]],
+        executor: Executor,
+        *,
+        max_size: int = 16,
+        max_wait_s: float = 0.005,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._fn = fn
+        self._executor = executor
+        self._max_size = max_size
+        self._max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait_s
+        while len(batch) < self._max_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not live:
+                continue
+            if self._on_batch:
+                self._on_batch(len(live))
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._fn, [item for item, _ in live]
+                )
+            except Exception as err:  # every waiting caller gets the error, the loop lives on
+                log.exception("batch of %d failed", len(live))
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for (_, fut), result in zip(live, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)

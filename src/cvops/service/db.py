@@ -1,0 +1,75 @@
+"""Prediction DB tables (reference names and columns) and schema migration via Alembic.
+
+Ids are client-generated UUID strings (the reference used serial ints) so that a record spooled
+during an outage can be re-sent any number of times and still lands exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+FloatArray = JSON().with_variant(postgresql.ARRAY(Float), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    input_img: Mapped[str | None] = mapped_column(Text)
+    raw_hm_img: Mapped[str | None] = mapped_column(Text)
+    overlaid_img: Mapped[str | None] = mapped_column(Text)
+    prediction_json: Mapped[dict] = mapped_column(JSON)
+    uae_feats: Mapped[list[float]] = mapped_column(FloatArray)
+    bbsd_feats: Mapped[list[float]] = mapped_column(FloatArray)
+    created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ApiLog(Base):
+    __tablename__ = "api_log"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    method: Mapped[str] = mapped_column(String(10))
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)
+    timespan: Mapped[float] = mapped_column(Float)
+    created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    prediction_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("predictions.id"), nullable=True
+    )
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    args = {"connect_timeout": 3} if url.startswith("postgresql") else {"timeout": 10}
+    return create_engine(url, pool_pre_ping=True, connect_args=args)
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Create or migrate the tables (idempotent; safe to call from every worker)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")

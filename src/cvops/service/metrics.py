@@ -1,0 +1,66 @@
+"""Prometheus metrics, per app instance; multiprocess-aware for gunicorn workers.
+
+With `PROMETHEUS_MULTIPROC_DIR` set (by `cvops serve`), every worker writes its samples there
+and `/metrics` aggregates all workers, so a scrape sees the whole service, not one worker.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "cvops_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "cvops_request_seconds",
+            "Request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "cvops_predictions", "Predictions by class", ["model", "predicted_class"], registry=r
+        )
+        self.batch_size = Histogram(
+            "cvops_batch_size",
+            "Images per model call",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "cvops_model_info",
+            "Model served by each worker",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.spool_pending = Gauge(
+            "cvops_spool_pending",
+            "Records waiting for the prediction DB",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

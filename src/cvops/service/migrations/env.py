@@ -1,0 +1,10 @@
+"""Alembic environment: runs on the connection handed over by `cvops.service.db`."""
+
+from alembic import context
+
+from cvops.service.db import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,116 @@
+"""A loaded model: classifier, detectors and the compiled inference step, built once per load.
+
+`LoadedModel` is immutable; the app swaps the whole object on reload, so a request sees one
+consistent model from preprocessing to response.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cvops.model.gradcam import gradcam, gradient_model
+from cvops.storage import MODELS_DIR, CentralStorage, ModelMetadata, StoragePathError, read_metadata
+
+log = logging.getLogger(__name__)
+
+METADATA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.ya?ml$")
+
+
+class ModelLoadError(RuntimeError):
+    def __init__(self, reason: str, status: int = 422) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    metadata_file: str
+    metadata: ModelMetadata
+    infer: InferFn = field(repr=False)
+    loaded_at: float
+
+    @property
+    def name(self) -> str:
+        return self.metadata.model_name
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.version or self.metadata.created_on)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.metadata.input_size.h, self.metadata.input_size.w
+
+    @property
+    def classes(self) -> list[str]:
+        return self.metadata.classes
+
+
+def check_metadata_name(metadata_file: str, storage: CentralStorage) -> None:
+    """Only a plain file name inside central storage models/ (no traversal, no subfolders)."""
+    if not METADATA_NAME.match(metadata_file):
+        raise ModelLoadError(
+            f"invalid metadata file name {metadata_file!r}: expected <model_name>.yaml", 400
+        )
+    try:
+        storage.resolve(f"{MODELS_DIR}/{metadata_file}")
+    except StoragePathError as err:
+        raise ModelLoadError(str(err), 400) from None
+
+
+def load_model(storage: CentralStorage, metadata_file: str) -> LoadedModel:
+    """Load and warm up everything a worker needs to serve `metadata_file`."""
+    check_metadata_name(metadata_file, storage)
+    meta_path = storage.metadata_path(metadata_file)
+    if not meta_path.is_file():
+        raise ModelLoadError(f"no model metadata {metadata_file} in central storage models/", 404)
+    started = time.perf_counter()
+    try:
+        meta = read_metadata(meta_path)
+        model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
+        uae = keras.models.load_model(storage.resolve(meta.uae_model_path), compile=False)
+        bbsd = keras.models.load_model(storage.resolve(meta.bbsd_model_path), compile=False)
+    except Exception as err:  # any broken file must leave the old model serving
+        raise ModelLoadError(f"cannot load model {metadata_file}: {err}", 422) from None
+    infer = compile_inference(model, uae, bbsd, meta)
+    log.info(
+        "Loaded %s v%s in %.2f s", meta.model_name, meta.version, time.perf_counter() - started
+    )
+    return LoadedModel(metadata_file, meta, infer, time.time())
+
+
+def compile_inference(
+    model: keras.Model, uae: keras.Model, bbsd: keras.Model, meta: ModelMetadata
+) -> InferFn:
+    """One traced step: probabilities + Grad-CAM, UAE and BBSD features for a batch."""
+    h, w = meta.input_size.h, meta.input_size.w
+    grad_model = gradient_model(model)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, h, w, 3), tf.float32)])
+    def step(images: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        probs, cams = gradcam(grad_model, images)
+        return probs, uae(images, training=False), bbsd(images, training=False), cams
+
+    def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(t.numpy() for t in step(tf.convert_to_tensor(batch)))  # type: ignore[return-value]
+
+    infer(np.zeros((1, h, w, 3), np.float32))  # trace now, not on the first request
+    return infer
+
+
+def newest_metadata_file(storage: CentralStorage) -> str | None:
+    models = storage.root / MODELS_DIR
+    candidates = sorted(models.glob("*.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return candidates[0].name if candidates else None

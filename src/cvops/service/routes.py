@@ -1,0 +1,174 @@
+"""HTTP routes, thin over ServiceState (reference-compatible paths and keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hmac
+import time
+import uuid
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from cvops.model.gradcam import colorize, heatmap_to_image, overlay
+from cvops.model.preprocess import preprocess_image, resize_and_scale
+from cvops.service.images import TF_DECODABLE, BadImage, png_base64, read_upload
+from cvops.service.model_store import LoadedModel, ModelLoadError
+from cvops.service.schemas import ErrorResponse, Health, PredictResponse, UpdateModelResponse
+from cvops.service.state import InferenceItem, InferenceResult, ServiceState
+
+router = APIRouter()
+bearer = HTTPBearer(auto_error=False)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)
+}
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.svc
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_admin(
+    state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    token = state.settings.admin_token
+    if token is None:
+        if state.settings.allow_unauthenticated_admin:
+            return
+        raise HTTPException(403, "admin endpoints are disabled: set CVOPS_SERVICE_ADMIN_TOKEN")
+    given = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise HTTPException(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+@router.get("/health_check", response_model=Health, tags=["health"])
+async def health_check(state: State) -> Health:
+    """Liveness: the process answers (a model may not be loaded yet; see /ready)."""
+    model = state.model
+    return Health(
+        status="ok",
+        model_loaded=model is not None,
+        model_name=model.name if model else None,
+        model_version=model.version if model else None,
+    )
+
+
+@router.get("/ready", response_model=Health, responses=ERRORS, tags=["health"])
+async def ready(state: State) -> Health:
+    """Readiness: 200 once a model is loaded, 503 before."""
+    if state.model is None:
+        raise HTTPException(503, "no model loaded yet")
+    return await health_check(state)
+
+
+def _prepare(data: bytes, model: LoadedModel, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(original RGB, model input) — the model input through the shared preprocessing."""
+    rgb, fmt = read_upload(data, max_pixels)
+    if fmt in TF_DECODABLE:
+        x = preprocess_image(data, model.size)
+    else:
+        x = resize_and_scale(rgb, model.size)
+    return rgb, x.numpy()
+
+
+def _render(rgb: np.ndarray, result: InferenceResult) -> tuple[str, str]:
+    height, width = rgb.shape[:2]
+    heat = heatmap_to_image(result.cam, width, height)
+    return png_base64(colorize(heat)), png_base64(overlay(rgb, heat))
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"])
+@router.post("/predict/", response_model=PredictResponse, include_in_schema=False)
+async def predict(
+    request: Request,
+    state: State,
+    file: Annotated[UploadFile, File(description="image (JPEG, PNG, BMP, GIF, WebP, TIFF)")],
+) -> PredictResponse:
+    """Class probabilities, Grad-CAM heatmap, UAE and BBSD features for one image."""
+    model = state.model
+    if model is None:
+        raise HTTPException(503, "no model loaded yet")
+    started = time.perf_counter()
+    data = await file.read()
+    try:
+        rgb, x = await asyncio.to_thread(_prepare, data, model, state.settings.max_image_pixels)
+    except BadImage as err:
+        raise HTTPException(err.status, err.reason) from None
+    prepared = time.perf_counter()
+    result = await state.batcher.submit(InferenceItem(model, x))
+    inferred = time.perf_counter()
+    raw_hm, overlaid = await asyncio.to_thread(_render, rgb, result)
+    probs = {c: float(p) for c, p in zip(model.classes, result.probs, strict=True)}
+    predicted = max(probs, key=probs.__getitem__)
+    prediction_id = str(uuid.uuid4())
+    response = PredictResponse(
+        model_name=model.name,
+        model_version=model.version,
+        prediction=probs,
+        predicted_class=predicted,
+        uae_feats=result.uae.astype(float).tolist(),
+        bbsd_feats=result.bbsd.astype(float).tolist(),
+        raw_hm_img=raw_hm,
+        overlaid_img=overlaid,
+        prediction_id=prediction_id,
+        timings_ms={
+            "preprocess": 1000 * (prepared - started),
+            "inference": 1000 * (inferred - prepared),
+            "render": 1000 * (time.perf_counter() - inferred),
+        },
+    )
+    state.metrics.predictions.labels(model.name, predicted).inc()
+    stored = data if state.settings.store_images else None
+    request.state.prediction_record = prediction_record(response, stored)
+    return response
+
+
+def prediction_record(response: PredictResponse, data: bytes | None) -> dict[str, Any]:
+    """The `predictions` row; images only when the service is set to store them."""
+    return {
+        "id": response.prediction_id,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "input_img": base64.b64encode(data).decode("ascii") if data is not None else None,
+        "raw_hm_img": response.raw_hm_img if data is not None else None,
+        "overlaid_img": response.overlaid_img if data is not None else None,
+        "prediction_json": {
+            "prediction": response.prediction,
+            "predicted_class": response.predicted_class,
+        },
+        "uae_feats": response.uae_feats,
+        "bbsd_feats": response.bbsd_feats,
+        "created_on": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+@router.put(
+    "/update_model/{metadata_file}",
+    response_model=UpdateModelResponse,
+    responses=ERRORS,
+    dependencies=[Depends(require_admin)],
+    tags=["admin"],
+)
+async def update_model(metadata_file: str, state: State) -> UpdateModelResponse:
+    """Serve another packaged model (a metadata file in central storage `models/`) in every
+    worker. Returns once all workers serve it; a failed load keeps the old model."""
+    try:
+        result = await state.update_model(metadata_file)
+    except ModelLoadError as err:
+        raise HTTPException(err.status, err.reason) from None
+    return UpdateModelResponse(message="Success", **result)  # type: ignore[arg-type]
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def metrics(state: State) -> Response:
+    """Prometheus metrics of all workers."""
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,41 @@
+"""Response models: they make the OpenAPI docs accurate and the contract explicit."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    prediction: dict[str, float] = Field(description="class -> probability (reference key)")
+    predicted_class: str
+    uae_feats: list[float] = Field(description="UAE embedding (32 floats)")
+    bbsd_feats: list[float] = Field(description="BBSD features (one per class)")
+    raw_hm_img: str = Field(description="Grad-CAM heatmap, base64 PNG")
+    overlaid_img: str = Field(description="heatmap over the input, base64 PNG")
+    prediction_id: str
+    message: str = "Success"
+    timings_ms: dict[str, float] = {}
+
+
+class UpdateModelResponse(BaseModel):
+    message: str
+    model_name: str
+    model_version: str
+    metadata_file: str
+    generation: int
+    workers: int
+    workers_pending: list[int]
+    workers_failed: dict[int, str]
+
+
+class Health(BaseModel):
+    status: str
+    model_loaded: bool
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str

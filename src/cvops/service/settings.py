@@ -1,0 +1,55 @@
+"""Service settings (env `CVOPS_SERVICE_*` or `.env`); every worker reads the same values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_prefix="CVOPS_SERVICE_", extra="ignore")
+
+    central_storage_path: Path = Field(
+        default=Path("central_storage"),
+        validation_alias=AliasChoices("CENTRAL_STORAGE_PATH", "CVOPS_CENTRAL_STORAGE_PATH"),
+    )
+    state_dir: Path = Field(
+        default=Path(".cvops"), validation_alias=AliasChoices("CVOPS_STATE_DIR", "state_dir")
+    )
+    metadata_file: str | None = Field(
+        default=None, description="Model to load at start (name inside models/); None: newest."
+    )
+    db_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the prediction DB; None: SQLite in state_dir"
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token for PUT /update_model"
+    )
+    allow_unauthenticated_admin: bool = Field(
+        default=False, description="Explicitly allow admin calls without a token (not for prod)"
+    )
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    batch_max_size: int = Field(default=16, ge=1)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)
+    reload_poll_s: float = Field(default=0.25, gt=0)
+    store_images: bool = Field(default=True, description="Keep base64 images in predictions")
+
+    @property
+    def service_dir(self) -> Path:
+        return self.state_dir.resolve() / "service"
+
+    @property
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.service_dir / 'service.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.service_dir / "spool"
+
+    @property
+    def model_pointer(self) -> Path:
+        """The file every worker watches: which metadata file is the current model."""
+        return self.service_dir / "current_model"

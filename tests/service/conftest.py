@@ -1,0 +1,79 @@
+"""Service fixtures: packaged models in a temporary central storage, and an app client."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cvops.config import DriftDetectionConfig, InputSize
+from cvops.model.build import build_model
+from cvops.model.drift import build_bbsd, build_uae, reference_frame
+from cvops.model.train import save_package
+from cvops.service.app import create_app
+from cvops.service.settings import ServiceSettings
+from cvops.storage import CentralStorage, ModelMetadata, utc_now
+
+CLASSES = ["circle", "square", "triangle"]
+
+
+def package(storage_root: Path, name: str, version: str, seed: int, size: int = 50) -> str:
+    """An untrained but complete package (model, UAE, BBSD, reference data, metadata)."""
+    keras.utils.set_random_seed(seed)
+    model = build_model((size, size), len(CLASSES))
+    uae, bbsd = build_uae((size, size), 32, seed=seed), build_bbsd(model)
+    x = np.random.default_rng(seed).random((8, size, size, 3), dtype=np.float32)
+    ref = reference_frame(uae(x).numpy(), bbsd(x).numpy(), np.arange(8) % 3, CLASSES)
+    drift = DriftDetectionConfig()
+    names = CentralStorage.artifact_names(name, drift)
+    files = save_package(
+        storage_root / "_build" / name / version, name, names, model, uae, bbsd, ref
+    )
+    meta = ModelMetadata(
+        model_name=name,
+        input_size=InputSize(w=size, h=size),
+        classes=CLASSES,
+        drift_detection=drift,
+        version=version,
+        created_on=utc_now(),
+        **names,
+    )
+    return CentralStorage(storage_root).publish(files, meta).name
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def storage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("central_storage")
+    package(root, "shapes_a", "1", seed=1)
+    package(root, "shapes_b", "7", seed=2, size=40)
+    return root
+
+
+@pytest.fixture()
+def settings(storage_root: Path, tmp_path: Path) -> ServiceSettings:
+    return ServiceSettings(
+        central_storage_path=storage_root,
+        state_dir=tmp_path / "state",
+        metadata_file="shapes_a.yaml",
+        admin_token="s3cret",
+        batch_max_wait_ms=2,
+    )
+
+
+@pytest.fixture()
+def client(settings: ServiceSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client

@@ -1,0 +1,159 @@
+"""The service contract through the real app (TestClient runs the lifespan)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+from tests.service.conftest import CLASSES, image_bytes
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+def wait_for_rows(url: str, table: str, n: int, timeout: float = 10.0) -> int:
+    engine = create_engine(url)
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline:
+        try:
+            with engine.connect() as conn:
+                count = conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+        except Exception:
+            count = 0
+        if count >= n:
+            break
+        time.sleep(0.1)
+    engine.dispose()
+    return count
+
+
+def test_health_and_ready(client) -> None:
+    health = client.get("/health_check").json()
+    assert health == {
+        "status": "ok",
+        "model_loaded": True,
+        "model_name": "shapes_a",
+        "model_version": "1",
+    }
+    assert client.get("/ready").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "WEBP"])
+def test_predict_contract(client, path: str, fmt: str) -> None:
+    response = client.post(path, files={"file": (f"x.{fmt.lower()}", image_bytes(fmt), "image/x")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == "shapes_a" and body["message"] == "Success"
+    assert set(body["prediction"]) == set(CLASSES)
+    assert abs(sum(body["prediction"].values()) - 1) < 1e-4
+    assert body["predicted_class"] == max(body["prediction"], key=body["prediction"].get)
+    assert len(body["uae_feats"]) == 32 and len(body["bbsd_feats"]) == 3
+    np.testing.assert_allclose(
+        body["bbsd_feats"], [body["prediction"][c] for c in CLASSES], rtol=1e-4
+    )
+    for key in ("raw_hm_img", "overlaid_img"):
+        img = Image.open(io.BytesIO(base64.b64decode(body[key])))
+        assert img.format == "PNG" and img.size == (64, 48)
+
+
+def test_predictions_and_api_log_are_written(client, settings) -> None:
+    ids = [
+        client.post("/predict", files={"file": ("x.png", image_bytes(seed=i))}).json()[
+            "prediction_id"
+        ]
+        for i in range(3)
+    ]
+    assert len(set(ids)) == 3
+    url = settings.resolved_db_url
+    assert wait_for_rows(url, "predictions", 3) == 3
+    assert wait_for_rows(url, "api_log", 3) >= 3
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT prediction_id, status, method FROM api_log")).all()
+    engine.dispose()
+    assert {r[0] for r in rows if r[0]} == set(ids)
+    assert all(r[1] == 200 and r[2] == "POST" for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "reason"),
+    [
+        (b"", 422, "empty"),
+        (b"definitely not an image", 422, "not an image"),
+        (image_bytes("JPEG")[:200], 422, "corrupt"),
+    ],
+)
+def test_bad_uploads_get_clear_4xx(client, payload: bytes, status: int, reason: str) -> None:
+    response = client.post("/predict", files={"file": ("x.jpg", payload, "image/jpeg")})
+    assert response.status_code == status
+    assert reason in response.json()["detail"]
+
+
+def test_huge_dimensions_and_missing_field(client) -> None:
+    big = image_bytes("PNG", size=(8000, 6000))
+    response = client.post("/predict", files={"file": ("big.png", big)})
+    assert response.status_code == 413 and "too large" in response.json()["detail"]
+    assert client.post("/predict", data={"other": "x"}).status_code == 422
+
+
+def test_update_model_requires_token(client) -> None:
+    assert client.put("/update_model/shapes_b.yaml").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.put("/update_model/shapes_b.yaml", headers=wrong).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [("missing.yaml", 404), ("..%2F..%2Fetc%2Fpasswd", 400), ("shapes_a.txt", 400)],
+)
+def test_update_model_rejects_bad_names(client, name: str, status: int) -> None:
+    response = client.put(f"/update_model/{name}", headers=AUTH)
+    assert response.status_code in (status, 404), response.text
+    assert client.get("/health_check").json()["model_name"] == "shapes_a"
+
+
+def test_update_model_switches_and_bad_model_keeps_old(client, storage_root) -> None:
+    response = client.put("/update_model/shapes_b.yaml", headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["model_version"] == "7"
+    body = client.post("/predict", files={"file": ("x.png", image_bytes())}).json()
+    assert body["model_name"] == "shapes_b" and body["model_version"] == "7"
+
+    broken = storage_root / "models" / "broken.yaml"
+    broken.write_text(
+        (storage_root / "models" / "shapes_a.yaml")
+        .read_text()
+        .replace("models/shapes_a.keras", "models/does_not_exist.keras")
+    )
+    response = client.put("/update_model/broken.yaml", headers=AUTH)
+    assert response.status_code == 422 and "cannot load" in response.json()["detail"]
+    assert client.get("/health_check").json()["model_name"] == "shapes_b"
+
+
+def test_metrics_exposed(client) -> None:
+    client.post("/predict", files={"file": ("x.png", image_bytes())})
+    text_body = client.get("/metrics").text
+    assert "cvops_requests_total" in text_body
+    assert 'cvops_predictions_total{model="shapes_a"' in text_body
+    assert "cvops_batch_size_bucket" in text_body
+
+
+def test_not_ready_without_model(settings, tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from cvops.service.app import create_app
+
+    empty = settings.model_copy(
+        update={"central_storage_path": tmp_path / "empty", "metadata_file": None}
+    )
+    with TestClient(create_app(empty)) as c:
+        assert c.get("/ready").status_code == 503
+        assert c.get("/health_check").json()["model_loaded"] is False
+        assert c.post("/predict", files={"file": ("x.png", image_bytes())}).status_code == 503
