@@ -67,6 +67,48 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Flow config naming the model")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="gunicorn worker processes")] = 2,
+    port: Annotated[int, typer.Option(help="TCP port")] = 8080,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default)")] = "127.0.0.1",
+    model: Annotated[
+        str | None, typer.Option(help="Metadata file in central storage models/ to serve")
+    ] = None,
+) -> None:
+    """Start the model service (gunicorn + uvicorn workers) on the packaged model.
+
+    The model is --model, else the config's deploy.model_metadata_file_name or
+    <model_name>.yaml, else the last model deployed to this service, else the newest one.
+    Settings come from CVOPS_SERVICE_* variables or .env: CVOPS_SERVICE_ADMIN_TOKEN (bearer
+    token for PUT /update_model), CVOPS_SERVICE_DB_URL (default SQLite under .cvops/service),
+    CVOPS_SERVICE_BATCH_MAX_SIZE, CVOPS_SERVICE_BATCH_MAX_WAIT_MS, CVOPS_SERVICE_MAX_BODY_BYTES.
+    """
+    from cvops.config import ConfigError, load_config
+    from cvops.service.server import serve as run_server
+    from cvops.service.settings import ServiceSettings
+
+    configure_logging()
+    if workers < 1:
+        fail("--workers must be at least 1")
+    metadata_file = model
+    if metadata_file is None and config is not None:
+        try:
+            cfg = load_config(config, check_flow_module=False)
+        except ConfigError as err:
+            fail(str(err))
+        if cfg.deploy and cfg.deploy.model_metadata_file_name:
+            metadata_file = cfg.deploy.model_metadata_file_name
+        elif cfg.model:
+            metadata_file = f"{cfg.model.model_name}.yaml"
+    run_server(
+        ServiceSettings(), host=host, port=port, workers=workers, metadata_file=metadata_file
+    )
+
+
 @data_app.command("demo")
 def data_demo(
     out: Annotated[Path, typer.Argument(help="Output folder: <out>/{train,test}/<class>/*.jpg")],
@@ -136,6 +178,54 @@ def data_shift(
     configure_logging()
     manifest = generate_shift_scenarios(test_dir, out, seed=seed, annotations=annotations)
     typer.echo(f"Shift scenarios written to {out} (manifest: {manifest})")
+
+
+@data_app.command("validate")
+def data_validate(
+    dataset: Annotated[
+        Path, typer.Argument(help="Dataset folder: <dir>/{train,test}/<class>/* (or <dir>/images/)")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the HTML report")] = Path(
+        "validation_report.html"
+    ),
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(help="Expected classes (repeat or comma-separate); default: all folders"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Flow config YAML: use its train.validation gates")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Decode worker processes")] = 2,
+) -> None:
+    """Check train/test splits (leakage, duplicates, corrupt files, balance, drift); exit 1 when
+    a gate fails."""
+    from cvops.config import ConfigError, ValidationGateConfig, load_config
+    from cvops.data.images import DatasetLayoutError
+    from cvops.data.validation import failure_message, validate_dataset, write_html_report
+
+    configure_logging()
+    gates = ValidationGateConfig()
+    if config is not None:
+        try:
+            cfg = load_config(config)
+        except ConfigError as err:
+            fail(str(err))
+        if cfg.train is not None:
+            gates = cfg.train.validation
+        if classes is None and cfg.model is not None:
+            classes = cfg.model.classes
+    wanted = [c for item in classes for c in item.split(",") if c] if classes else None
+    try:
+        result = validate_dataset(dataset, classes=wanted, gates=gates, workers=workers)
+    except DatasetLayoutError as err:
+        fail(str(err))
+    report = write_html_report(result, out)
+    for gate in result.gates:
+        typer.echo(f"  {gate.status:<4}  {gate.name:<15} {gate.message}")
+    typer.echo(f"Data validation {result.status}; report: {report.resolve()}")
+    if result.gate_failures:
+        console.print(failure_message(result, report.resolve()), highlight=False, markup=False)
+        raise typer.Exit(1)
 
 
 @data_app.command("version")

@@ -102,9 +102,50 @@ class MlflowExperiment(StrictModel):
 
 
 class ValidationGateConfig(StrictModel):
-    """Slot for the data-validation step (report + gates); not run until that step exists."""
+    """Data validation before training (cvops.data.validation): one HTML report + gates.
+
+    Each gate has a level: `fail` stops the flow before training, `warn` only reports, `off`
+    skips it. Defaults fail on what silently ruins a model or its test score (corrupt files,
+    train/test leakage, a class missing from a split, severe imbalance) and warn on the rest.
+    """
 
     enabled: bool = True
+    corrupt: Literal["fail", "warn", "off"] = "fail"
+    leakage: Literal["fail", "warn", "off"] = "fail"
+    missing_class: Literal["fail", "warn", "off"] = "fail"
+    imbalance: Literal["fail", "warn", "off"] = "fail"
+    duplicates: Literal["fail", "warn", "off"] = "warn"
+    label_shift: Literal["fail", "warn", "off"] = "warn"
+    property_drift: Literal["fail", "warn", "off"] = "warn"
+    odd_mode: Literal["fail", "warn", "off"] = "warn"
+    tiny_image: Literal["fail", "warn", "off"] = "warn"
+    max_leakage_fraction: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="leakage fails above this fraction of test images with a train duplicate; "
+        "any leakage below it is still a warning",
+    )
+    max_imbalance_ratio: float = Field(
+        default=10.0, ge=1.0, description="largest / smallest class count within a split"
+    )
+    max_label_tv: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="total variation between class shares"
+    )
+    drift_ks_threshold: float = Field(
+        default=0.15, gt=0.0, le=1.0, description="KS statistic above which a property drifts"
+    )
+    drift_p_value: float = Field(
+        default=0.01, gt=0.0, lt=1.0, description="and the KS / chi-square p-value below this"
+    )
+    near_dup_max_hamming: int = Field(
+        default=10, ge=0, le=32, description="perceptual-hash distance of a near-duplicate"
+    )
+    near_dup_min_similarity: float = Field(
+        default=0.96, ge=0.0, le=1.0, description="colour-thumbnail correlation that confirms it"
+    )
+    min_image_side: PositiveInt = Field(default=16, description="smaller sides are tiny images")
+    max_examples: PositiveInt = Field(default=12, description="thumbnails per issue in the report")
 
 
 class TrainConfig(StrictModel):
@@ -162,18 +203,22 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return f"Invalid config {source}: " + "; ".join(parts)
 
 
-def parse_config(data: dict[str, Any], source: str = "<dict>") -> FlowConfig:
+def parse_config(
+    data: dict[str, Any], source: str = "<dict>", *, check_flow_module: bool = True
+) -> FlowConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"Invalid config {source}: <root>: expected a mapping of sections")
     try:
         cfg = FlowConfig.model_validate({**data, "source": source})
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
-    resolve_flow_module(cfg.flow_module, source)
+    if check_flow_module:
+        resolve_flow_module(cfg.flow_module, source)
     return cfg
 
 
-def load_config(path: str | Path) -> FlowConfig:
+def load_config(path: str | Path, *, check_flow_module: bool = True) -> FlowConfig:
+    """Parse and validate a YAML config; `check_flow_module` imports the flow to check it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}")
@@ -181,7 +226,7 @@ def load_config(path: str | Path) -> FlowConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"Invalid config {path}: not valid YAML: {err}") from None
-    return parse_config(data or {}, source=str(path))
+    return parse_config(data or {}, source=str(path), check_flow_module=check_flow_module)
 
 
 def resolve_flow_module(name: str, source: str = "<dict>") -> str:

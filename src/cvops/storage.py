@@ -84,6 +84,13 @@ class CentralStorage:
     def metadata_path(self, metadata_file: str) -> Path:
         return self.resolve(f"{MODELS_DIR}/{metadata_file}")
 
+    def newest_metadata_file(self) -> str | None:
+        """The most recently written `<model>.yaml` in models/ (start-up default)."""
+        candidates = sorted(
+            (self.root / MODELS_DIR).glob("*.yaml"), key=lambda p: p.stat().st_mtime, reverse=True
+        )
+        return candidates[0].name if candidates else None
+
     def publish(self, files: dict[str, Path], metadata: ModelMetadata) -> Path:
         """Copy packaged files in (atomic renames), then write the metadata file."""
         self.ensure_layout()

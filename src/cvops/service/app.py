@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ class RequestLogMiddleware(BaseHTTPMiddleware):
         else:
             response = await call_next(request)
         elapsed = time.perf_counter() - started
+        response.headers["X-Cvops-Worker"] = str(os.getpid())
         route = request.scope.get("route")
         route_name = getattr(route, "path", "unmatched")
         state.metrics.requests.labels(request.method, route_name, str(response.status_code)).inc()

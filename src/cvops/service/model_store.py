@@ -108,9 +108,3 @@ def compile_inference(
 
     infer(np.zeros((1, h, w, 3), np.float32))  # trace now, not on the first request
     return infer
-
-
-def newest_metadata_file(storage: CentralStorage) -> str | None:
-    models = storage.root / MODELS_DIR
-    candidates = sorted(models.glob("*.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return candidates[0].name if candidates else None

@@ -14,7 +14,7 @@ import numpy as np
 
 from cvops.service.batching import MicroBatcher
 from cvops.service.metrics import ServiceMetrics
-from cvops.service.model_store import LoadedModel, ModelLoadError, load_model, newest_metadata_file
+from cvops.service.model_store import LoadedModel, ModelLoadError, load_model
 from cvops.service.recording import Recorder
 from cvops.service.settings import ServiceSettings
 from cvops.service.sync import ModelSync
@@ -77,7 +77,7 @@ class ServiceState:
         self.recorder.start()
         pointer = self.sync.read()
         if pointer is None:
-            first = self.settings.metadata_file or newest_metadata_file(self.storage)
+            first = self.settings.metadata_file or self.storage.newest_metadata_file()
             if first is None:
                 log.warning("No model in %s/models yet: not ready", self.storage.root)
             else:

@@ -1,0 +1,156 @@
+"""Per-image analysis, run in worker processes: one small record per file, never the pixels.
+
+Why a separate module: it is what the worker processes import, so it stays light (Pillow,
+numpy, OpenCV, imagehash; no pydantic, pandas or the report code) and it must never raise on a
+bad file: every failure becomes a record with ``ok=False`` and a reason naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import imagehash
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Decode big JPEGs at a reduced scale (Pillow's draft mode): features need ~512 px, not 24 MP.
+ANALYSIS_SIDE = 512
+# Side of the colour thumbnail that confirms a perceptual-hash near-duplicate candidate.
+SIGNATURE_SIDE = 16
+SIGNATURE_SIZE = SIGNATURE_SIDE * SIGNATURE_SIDE * 3
+# Image properties compared between splits, in report order.
+PROPERTIES: tuple[str, ...] = (
+    "width",
+    "height",
+    "aspect",
+    "brightness",
+    "contrast",
+    "sharpness",
+    "saturation",
+    "mean_r",
+    "mean_g",
+    "mean_b",
+)
+
+
+@dataclass(slots=True)
+class ImageRecord:
+    """What the checks need of one file (~1 KB, whatever the image size)."""
+
+    path: str
+    ok: bool
+    error: str = ""
+    file_bytes: int = 0
+    file_hash: str = ""
+    pixel_hash: str = ""
+    mode: str = ""
+    format: str = ""
+    width: int = 0
+    height: int = 0
+    aspect: float = float("nan")
+    brightness: float = float("nan")
+    contrast: float = float("nan")
+    sharpness: float = float("nan")
+    saturation: float = float("nan")
+    mean_r: float = float("nan")
+    mean_g: float = float("nan")
+    mean_b: float = float("nan")
+    phash: int = 0
+    signature: bytes = b""
+
+
+def init_worker() -> None:
+    """One OpenCV thread per worker process: the pool already uses the cores."""
+    cv2.setNumThreads(1)
+
+
+def _hash64(h: imagehash.ImageHash) -> int:
+    return int.from_bytes(np.packbits(h.hash.ravel()).tobytes(), "big")
+
+
+def _describe_error(err: BaseException, data: bytes) -> str:
+    text = str(err) or type(err).__name__
+    if "truncated" in text.lower():
+        return f"truncated image ({text})"
+    if isinstance(err, Image.UnidentifiedImageError):
+        head = data[:64]
+        text_like = all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+        return f"cannot identify image file ({'text' if text_like else 'unknown format'})"
+    return f"unreadable image ({type(err).__name__}: {text})"
+
+
+def analyse_image(path: str) -> ImageRecord:
+    """Decode one file and measure it; any failure is returned as ``ok=False`` with a reason."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return ImageRecord(path=path, ok=False, error=f"cannot read file ({err.strerror or err})")
+    rec = ImageRecord(path=path, ok=False, file_bytes=len(data))
+    if not data:
+        rec.error = "empty file (0 bytes)"
+        return rec
+    rec.file_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, palette transparency, ...
+            with Image.open(io.BytesIO(data)) as im:
+                rec.mode, rec.format = im.mode, im.format or ""
+                rec.width, rec.height = im.size
+                if im.format == "JPEG" and max(im.size) > 2 * ANALYSIS_SIDE:
+                    im.draft("RGB", (ANALYSIS_SIDE, ANALYSIS_SIDE))
+                im.load()
+                rgb = im.convert("RGB") if im.mode != "RGB" else im.copy()
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a finding, not a crash
+        rec.error = _describe_error(err, data)
+        return rec
+    try:
+        _measure(rec, rgb)
+    except Exception as err:  # noqa: BLE001
+        rec.error = f"cannot analyse decoded image ({type(err).__name__}: {err})"
+        return rec
+    rec.ok = True
+    return rec
+
+
+def _measure(rec: ImageRecord, rgb: Image.Image) -> None:
+    if max(rgb.size) > ANALYSIS_SIDE:
+        rgb.thumbnail((ANALYSIS_SIDE, ANALYSIS_SIDE), Image.Resampling.BILINEAR)
+    arr = np.asarray(rgb)
+    digest = hashlib.blake2b(str(arr.shape).encode(), digest_size=16)
+    digest.update(arr.tobytes())
+    rec.pixel_hash = digest.hexdigest()
+    grey = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+    rec.aspect = rec.width / rec.height
+    rec.brightness = float(grey.mean())
+    rec.contrast = float(grey.std())
+    rec.sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var())
+    rec.saturation = float(cv2.cvtColor(arr, cv2.COLOR_RGB2HSV)[..., 1].mean())
+    rec.mean_r, rec.mean_g, rec.mean_b = (float(v) for v in arr.reshape(-1, 3).mean(axis=0))
+    rec.phash = _hash64(imagehash.phash(rgb))
+    small = rgb.resize((SIGNATURE_SIDE, SIGNATURE_SIDE), Image.Resampling.BILINEAR)
+    rec.signature = np.asarray(small, dtype=np.uint8).tobytes()
+
+
+def thumbnail(path: str, side: int = 96) -> Image.Image | None:
+    """A small RGB preview for the report, or None when the file cannot be decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.draft("RGB", (side, side))
+                rgb = im.convert("RGB")
+    except Exception:  # noqa: BLE001 - the report shows a placeholder instead
+        return None
+    if max(rgb.size) < side // 2:  # tiny images: enlarge so they are visible at all
+        scale = max(1, (side // 2) // max(rgb.size))
+        return rgb.resize((rgb.width * scale, rgb.height * scale), Image.Resampling.NEAREST)
+    rgb.thumbnail((side, side), Image.Resampling.BILINEAR)
+    return rgb

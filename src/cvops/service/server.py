@@ -1,0 +1,84 @@
+"""`cvops serve`: gunicorn with uvicorn workers, each building its own app after the fork.
+
+The master never imports TensorFlow (forking a process with TF threads is unsafe); it only
+decides the start-up model, prepares the shared folders and then forks the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from cvops.service.settings import ServiceSettings
+from cvops.service.sync import ModelSync
+from cvops.storage import CentralStorage
+
+log = logging.getLogger(__name__)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+class ServiceServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: ServiceSettings, options: dict[str, Any]) -> None:
+        self.settings = settings
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from cvops.service.app import create_app
+
+        return create_app(self.settings)
+
+
+def prepare(settings: ServiceSettings, metadata_file: str | None) -> str | None:
+    """Shared state before forking: metrics folder, and the model every worker starts on."""
+    metrics_dir = settings.service_dir / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    sync = ModelSync(settings.model_pointer)
+    current = sync.read()
+    chosen = metadata_file or (current.metadata_file if current else None)
+    chosen = chosen or CentralStorage(settings.central_storage_path).newest_metadata_file()
+    if chosen and (current is None or current.metadata_file != chosen):
+        sync.publish(chosen)
+    return chosen
+
+
+def serve(
+    settings: ServiceSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    workers: int = 2,
+    metadata_file: str | None = None,
+    timeout_s: int = 120,
+) -> None:
+    chosen = prepare(settings, metadata_file)
+    log.info(
+        "Serving %s on http://%s:%d with %d workers", chosen or "no model yet", host, port, workers
+    )
+    options = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "uvicorn_worker.UvicornWorker",
+        "timeout": timeout_s,
+        "graceful_timeout": 30,
+        "keepalive": 5,
+        "child_exit": _child_exit,
+        "accesslog": None,
+        "loglevel": "info",
+    }
+    ServiceServer(settings, options).run()

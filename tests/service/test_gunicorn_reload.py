@@ -1,0 +1,130 @@
+"""Hot reload across real gunicorn workers under concurrent load: no failed request, and
+every request sent after `PUT /update_model` returns is answered by the new model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import image_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(storage_root: Path, tmp_path: Path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "CENTRAL_STORAGE_PATH": str(storage_root),
+        "CVOPS_STATE_DIR": str(tmp_path / "state"),
+        "CVOPS_SERVICE_ADMIN_TOKEN": "s3cret",
+    }
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cvops.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--model",
+            "shapes_a.yaml",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield base, proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    log.close()
+
+
+def test_reload_reaches_every_worker_without_failures(server) -> None:
+    base, proc = server
+    records: list[tuple[float, int, str | None, str | None]] = []
+    stop = threading.Event()
+    payload = image_bytes()
+
+    def load() -> None:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            while not stop.is_set():
+                sent = time.monotonic()
+                r = client.post("/predict", files={"file": ("x.png", payload)})
+                version = r.json().get("model_version") if r.status_code == 200 else None
+                records.append((sent, r.status_code, version, r.headers.get("x-cvops-worker")))
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    response = httpx.put(
+        f"{base}/update_model/shapes_b.yaml", headers={"Authorization": "Bearer s3cret"}, timeout=60
+    )
+    returned = time.monotonic()
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["workers"] == 2 and body["workers_pending"] == [] and not body["workers_failed"]
+    assert all(status == 200 for _, status, _, _ in records), {s for _, s, _, _ in records}
+    after = [r for r in records if r[0] > returned]
+    before = [r for r in records if r[0] < returned - 2]
+    assert len(after) > 20 and len(before) > 20
+    assert {version for _, _, version, _ in after} == {"7"}
+    assert {version for _, _, version, _ in before} == {"1"}
+    assert len({worker for *_, worker in after}) == 2  # both workers answered with the new model
+
+
+def test_failed_load_keeps_old_model_in_all_workers(server, storage_root: Path) -> None:
+    base, _ = server
+    (storage_root / "models" / "corrupt.yaml").write_text("model_name: [not, valid")
+    r = httpx.put(
+        f"{base}/update_model/corrupt.yaml", headers={"Authorization": "Bearer s3cret"}, timeout=60
+    )
+    assert r.status_code == 422 and "cannot load" in r.json()["detail"]
+    versions = {
+        httpx.post(f"{base}/predict", files={"file": ("x.png", image_bytes())}, timeout=30).json()[
+            "model_version"
+        ]
+        for _ in range(10)
+    }
+    assert versions == {"1"}
