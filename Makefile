@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/full_flow.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format lock bench clean-demo
+.PHONY: setup system-deps demo test test-fast lint format lock bench clean-demo
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"cvops needs Python 3.11, found {sys.version}"'
@@ -18,14 +18,17 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)  ## create .venv and install cvops with the locked dependencies
 
+system-deps:  ## Debian packages the tests need (PostgreSQL 15), installed where missing
+	scripts/install-system-deps.sh postgresql
+
 demo: setup  ## generate the DVC demo dataset and run the full flow
 	$(BIN)/cvops data demo-repo
 	$(BIN)/cvops run $(CONFIG)
 
-test: setup  ## the whole test suite (slow end-to-end tests included)
+test: setup system-deps  ## the whole test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup  ## tests without the slow end-to-end ones
+test-fast: setup system-deps  ## tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup

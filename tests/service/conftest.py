@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import keras
 import numpy as np
 import pytest
@@ -77,3 +84,70 @@ def settings(storage_root: Path, tmp_path: Path) -> ServiceSettings:
 def client(settings: ServiceSettings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """`cvops serve` in a subprocess (real gunicorn workers), stopped with its whole group."""
+
+    def __init__(self, storage_root: Path, tmp: Path, workers: int = 2, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "serve.log"
+        self.env = {
+            **os.environ,
+            "CENTRAL_STORAGE_PATH": str(storage_root),
+            "CVOPS_STATE_DIR": str(tmp / "state"),
+            "CVOPS_SERVICE_ADMIN_TOKEN": "s3cret",
+            **env,
+        }
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "cvops.cli",
+            "serve",
+            "--workers",
+            str(workers),
+            "--port",
+            str(self.port),
+            "--model",
+            "shapes_a.yaml",
+        ]
+
+    def __enter__(self) -> ServiceProcess:
+        self._log = open(self.log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("service did not start:\n" + self.log_path.read_text()[-3000:])
+
+    def __exit__(self, *exc: object) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            self._log.close()

@@ -3,11 +3,6 @@ every request sent after `PUT /update_model` returns is answered by the new mode
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,64 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import image_bytes
+from tests.service.conftest import ServiceProcess, image_bytes
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(storage_root: Path, tmp_path: Path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "CENTRAL_STORAGE_PATH": str(storage_root),
-        "CVOPS_STATE_DIR": str(tmp_path / "state"),
-        "CVOPS_SERVICE_ADMIN_TOKEN": "s3cret",
-    }
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cvops.cli",
-            "serve",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--model",
-            "shapes_a.yaml",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield base, proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    log.close()
+    with ServiceProcess(storage_root, tmp_path, workers=2) as service:
+        yield service.base, service.proc
 
 
 def test_reload_reaches_every_worker_without_failures(server) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import keras
 import mlflow
 import mlflow.keras
 import numpy as np
+from mlflow.entities import Metric
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from prefect import flow
@@ -17,6 +19,7 @@ from prefect.artifacts import create_link_artifact
 from cvops import tracking
 from cvops.config import FlowConfig
 from cvops.data.dataversion import resolve_data_version
+from cvops.data.validation import DataValidationError, validate_dataset, write_html_report
 from cvops.flows.common import as_config, step
 from cvops.model.train import Splits, build_detectors, fit_model, load_splits, save_package
 from cvops.settings import Settings, get_settings
@@ -62,12 +65,44 @@ def start_run(cfg: FlowConfig, settings: Settings, data_version: dict[str, Any])
 
 
 @step("validate-data")
-def validate_data(cfg: FlowConfig, run_id: str) -> None:
-    """Slot for the train/test validation report and gates (data-validation issue)."""
-    assert cfg.train is not None
-    status = "not_available" if cfg.train.validation.enabled else "disabled"
-    log.info("Data validation report: %s (the validation step is not built yet)", status)
-    MlflowClient().set_tag(run_id, "data_validation", status)
+def validate_data(cfg: FlowConfig, run_id: str) -> dict[str, Any]:
+    """Check train/test before any training; the report goes to MLflow and beside the model.
+
+    Raises DataValidationError (listing the offending files) when a gate set to `fail` fails,
+    so a bad dataset costs seconds, not a training run.
+    """
+    assert cfg.train is not None and cfg.model is not None and cfg.dataset is not None
+    client = MlflowClient()
+    gates = cfg.train.validation
+    if not gates.enabled:
+        log.info("Data validation disabled (train.validation.enabled: false)")
+        client.set_tag(run_id, "data_validation", "disabled")
+        return {"status": "disabled"}
+    result = validate_dataset(cfg.dataset.path, classes=cfg.model.classes, gates=gates)
+    report = write_html_report(
+        result, cfg.model.save_dir / f"{cfg.model.model_name}_validation_report.html"
+    )
+    client.log_artifact(run_id, str(report), "validation")
+    summary = result.summary
+    client.set_tag(run_id, "data_validation", result.status)
+    failed = ",".join(g.name for g in result.gate_failures)
+    warned = ",".join(g.name for g in result.warnings)
+    client.set_tag(run_id, "data_validation.failed_gates", failed or "none")
+    client.set_tag(run_id, "data_validation.warnings", warned or "none")
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"validation.{key}", float(value), now, 0)
+        for key, value in summary.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+    ]
+    client.log_batch(run_id, metrics=metrics)
+    for gate in result.warnings:
+        log.warning("Data validation warning - %s: %s", gate.name, gate.message)
+    log.info("Data validation %s; report: %s", result.status, report)
+    if result.gate_failures:
+        client.set_terminated(run_id, "FAILED")
+        raise DataValidationError.from_result(result, report)
+    return {"status": result.status, "report": str(report)}
 
 
 @step("load-splits")

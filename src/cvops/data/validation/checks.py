@@ -136,6 +136,7 @@ class PropertyStats:
     summary: dict[str, dict[str, float]]  # split -> n, mean, median, p5, p95
     ks: float
     p_value: float
+    p_adjusted: float  # Bonferroni-corrected over the properties; drift is judged on this
     drifted: bool
     edges: list[float]  # histogram bin edges, on the display scale (log10 for sharpness)
     hist: dict[str, list[float]]  # split -> fraction of that split's images per bin
@@ -304,7 +305,7 @@ def validate_dataset(
     issues += [
         Issue(
             "property_drift",
-            f"{p.label}: KS {p.ks:.3f} (p={p.p_value:.2g}); median train "
+            f"{p.label}: KS {p.ks:.3f} (corrected p={p.p_adjusted:.2g}); median train "
             f"{p.summary['train']['median']:.3g} vs test {p.summary['test']['median']:.3g}",
         )
         for p in properties
@@ -513,7 +514,9 @@ def _property_stats(records: pd.DataFrame, cfg: ValidationGateConfig) -> list[Pr
         if len(a) >= 2 and len(b) >= 2:
             res = stats.ks_2samp(a, b)
             ks, p = float(res.statistic), float(res.pvalue)
-        drifted = bool(ks >= cfg.drift_ks_threshold and p < cfg.drift_p_value)
+        # Bonferroni over the properties: ten tests at 1% would cry wolf on one dataset in ten.
+        p_adjusted = min(1.0, p * len(PROPERTIES)) if np.isfinite(p) else p
+        drifted = bool(ks >= cfg.drift_ks_threshold and p_adjusted < cfg.drift_p_value)
         shown = {s: _display_values(name, v) for s, v in values.items()}
         pooled = np.concatenate(list(shown.values()))
         if len(pooled):
@@ -534,6 +537,7 @@ def _property_stats(records: pd.DataFrame, cfg: ValidationGateConfig) -> list[Pr
                 summary=summary,
                 ks=ks,
                 p_value=p,
+                p_adjusted=p_adjusted,
                 drifted=drifted,
                 edges=edges.round(5).tolist(),
                 hist=hist,

@@ -242,7 +242,8 @@ def _properties(r: ValidationResult) -> str:
         cards.append(
             f'<div class="prop{" drift" if p.drifted else ""}"><div class="head">'
             f"<b>{escape(p.label)}</b>{badge}</div>"
-            f'<div class="stats">KS {_fmt(p.ks)} &middot; p {_fmt(p.p_value, 2)} &middot; median '
+            f'<div class="stats">KS {_fmt(p.ks)} &middot; p {_fmt(p.p_adjusted, 2)} &middot; '
+            f"median "
             f"train {_fmt(tr['median'])} / test {_fmt(te['median'])} &middot; 5-95% train "
             f"{_fmt(tr['p5'])}-{_fmt(tr['p95'])}, test {_fmt(te['p5'])}-{_fmt(te['p95'])}</div>"
             f"{_svg_hist(p)}</div>"
@@ -263,7 +264,8 @@ def _properties(r: ValidationResult) -> str:
         '<p class="note legend">Share of each split per bin:<i style="background:#3b6fd6"></i>'
         'train<i style="background:#e0702a"></i>test. Drift score: two-sample KS statistic '
         f"(drift when &ge; {r.config.drift_ks_threshold:g} and p &lt; "
-        f"{r.config.drift_p_value:g}). Sharpness bins are on a log scale.</p>"
+        f"{r.config.drift_p_value:g}, p Bonferroni-corrected over the {len(r.properties)} "
+        "properties). Sharpness bins are on a log scale.</p>"
         f'<div class="props">{"".join(cards)}</div>{"".join(examples)}</section>'
     )
 
