@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from cvops import __version__
 from cvops.service.routes import router
+from cvops.service.webui import router as webui_router
 from cvops.service.settings import ServiceSettings
 from cvops.service.state import ServiceState
 
@@ -91,4 +92,5 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestLogMiddleware)
     app.include_router(router)
+    app.include_router(webui_router)
     return app
