@@ -67,7 +67,18 @@ def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> 
 
 
 def peak_location(heatmap: np.ndarray, width: int, height: int) -> tuple[int, int]:
-    """(x, y) of the heatmap's maximum in original-image pixels (cell centres)."""
-    h, w = heatmap.shape
-    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return int((x + 0.5) * width / w), int((y + 0.5) * height / h)
+    """(x, y) of the heatmap's maximum on the image as displayed (upsampled, blurred)."""
+    shown = heatmap_to_image(heatmap, width, height)
+    y, x = np.unravel_index(int(np.argmax(shown)), shown.shape)
+    return int(x), int(y)
+
+
+def localisation_hit_rate(
+    heatmaps: list[np.ndarray], sizes: list[tuple[int, int]], boxes: list[tuple[int, int, int, int]]
+) -> float:
+    """Share of heatmaps peaking inside the object box (x0, y0, x1, y1; x1, y1 exclusive)."""
+    hits = 0
+    for heatmap, (width, height), (x0, y0, x1, y1) in zip(heatmaps, sizes, boxes, strict=True):
+        x, y = peak_location(heatmap, width, height)
+        hits += int(x0 <= x < x1 and y0 <= y < y1)
+    return hits / len(heatmaps) if heatmaps else float("nan")

@@ -18,9 +18,9 @@ from starlette.responses import Response
 
 from cvops import __version__
 from cvops.service.routes import router
-from cvops.service.webui import router as webui_router
 from cvops.service.settings import ServiceSettings
 from cvops.service.state import ServiceState
+from cvops.service.webui import router as webui_router
 
 log = logging.getLogger(__name__)
 UNLOGGED_PATHS = frozenset({"/health_check", "/ready", "/metrics"})
