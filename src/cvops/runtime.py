@@ -9,6 +9,8 @@ from pathlib import Path
 DEFAULT_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # first start migrates its SQLite DB; on a busy 2-core machine that takes > 20 s
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "cvops",
     "DVC_NO_ANALYTICS": "1",
