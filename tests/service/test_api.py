@@ -157,3 +157,28 @@ def test_not_ready_without_model(settings, tmp_path) -> None:
         assert c.get("/ready").status_code == 503
         assert c.get("/health_check").json()["model_loaded"] is False
         assert c.post("/predict", files={"file": ("x.png", image_bytes())}).status_code == 503
+
+
+def test_oversized_body_rejected_with_or_without_length(settings) -> None:
+    from fastapi.testclient import TestClient
+
+    from cvops.service.app import create_app
+
+    small = settings.model_copy(update={"max_body_bytes": 50_000})
+    big = image_bytes("PNG", size=(400, 400))
+    assert len(big) > 50_000
+    with TestClient(create_app(small)) as c:
+        declared = c.post("/predict", files={"file": ("x.png", big)})
+        assert declared.status_code == 413 and "too large" in declared.json()["detail"]
+
+        def chunks():
+            body = b"--b\r\nContent-Disposition: form-data; name=file; filename=x.png\r\n\r\n"
+            yield body + big + b"\r\n--b--\r\n"
+
+        chunked = c.post(
+            "/predict",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=b"},
+        )
+        assert chunked.status_code == 413
+        assert c.post("/predict", files={"file": ("x.png", image_bytes())}).status_code == 200

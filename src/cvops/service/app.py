@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
 
 from cvops import __version__
+from cvops.service.limits import BodyLimitMiddleware, BodyTooLarge, body_too_large_handler
 from cvops.service.routes import router
 from cvops.service.settings import ServiceSettings
 from cvops.service.state import ServiceState
@@ -27,19 +27,12 @@ UNLOGGED_PATHS = frozenset({"/health_check", "/ready", "/metrics"})
 
 
 class RequestLogMiddleware(BaseHTTPMiddleware):
-    """Body limit, metrics and an `api_log` record for every API call (not probes)."""
+    """Metrics and an `api_log` record for every API call (not probes)."""
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         state: ServiceState = request.app.state.svc
         started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > state.settings.max_body_bytes:
-            response: Response = JSONResponse(
-                {"detail": f"request body too large (limit {state.settings.max_body_bytes} bytes)"},
-                status_code=413,
-            )
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         elapsed = time.perf_counter() - started
         response.headers["X-Cvops-Worker"] = str(os.getpid())
         route = request.scope.get("route")
@@ -91,6 +84,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # outermost
+    app.add_exception_handler(BodyTooLarge, body_too_large_handler)
     app.include_router(router)
     app.include_router(webui_router)
     return app

@@ -1,0 +1,182 @@
+"""nginx in front of the model service: render the config templates and run nginx without /etc.
+
+The templates use `${NAME}` placeholders filled from the environment, as the reference's
+`default.conf.template` is with docker's envsubst, so `default.conf.template` still works in the
+official nginx image. Only upper-case braced names are placeholders: nginx's own variables
+(`$host`, `$remote_addr`, `${request_uri}`) stay untouched.
+
+`write_config(prefix, ...)` writes a complete config for `nginx -p PREFIX/ -c CONF -e LOG`
+(`daemon off;`, pid file, logs and every temp path under PREFIX), so nginx runs in the
+foreground under a supervisor or a test, with no root-owned files touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import string
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAIN_TEMPLATE = "nginx.conf.template"
+SITE_TEMPLATE = "default.conf.template"
+USER_DIRECTIVE = "NGINX_USER_DIRECTIVE"  # set by write_config, never by the environment
+DEFAULTS: dict[str, str] = {
+    "NGINX_LISTEN_HOST": "127.0.0.1",
+    "NGINX_MAX_BODY_SIZE": "200M",  # the reference's limit
+    "NGINX_PROXY_CONNECT_TIMEOUT": "5s",
+    "NGINX_PROXY_TIMEOUT": "300s",
+    "NGINX_WORKER_PROCESSES": "auto",
+}
+FORBIDDEN_CHARS = frozenset(";{}'\"\\\n\r\t ")
+
+
+class NginxConfigError(ValueError):
+    """A template that cannot be rendered (missing or unsafe variable) or a config nginx rejects."""
+
+
+class EnvTemplate(string.Template):
+    """`${UPPER_CASE}` placeholders only; every other `$` is left for nginx."""
+
+    flags = 0
+    pattern = r"""
+        \$\{(?P<braced>[A-Z_][A-Z0-9_]*)\}
+        | (?P<escaped>(?!))
+        | (?P<named>(?!))
+        | (?P<invalid>(?!))
+    """
+
+
+def template_text(name: str) -> str:
+    return resources.files("cvops.service").joinpath(f"nginx/{name}").read_text("utf-8")
+
+
+def placeholders(text: str) -> list[str]:
+    return EnvTemplate(text).get_identifiers()
+
+
+def render(text: str, variables: Mapping[str, str], name: str = "template") -> str:
+    """Fill every placeholder; a missing or unsafe value is a clear error, not a broken config."""
+    template = EnvTemplate(text)
+    names = template.get_identifiers()
+    missing = [key for key in names if key not in variables]
+    if missing:
+        raise NginxConfigError(
+            f"{name}: missing variable(s) {', '.join(missing)}; set them in the environment "
+            "or pass them explicitly"
+        )
+    for key in names:
+        if key != USER_DIRECTIVE and (
+            not variables[key] or FORBIDDEN_CHARS.intersection(variables[key])
+        ):
+            raise NginxConfigError(
+                f"{name}: {key}={variables[key]!r} is empty or contains whitespace, quotes, "
+                "';', '{' or '}'"
+            )
+    return template.substitute(variables)
+
+
+def nginx_variables(
+    overrides: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Template values: defaults, then the environment, then explicit overrides."""
+    env = os.environ if env is None else env
+    known = set(placeholders(template_text(MAIN_TEMPLATE))) | set(
+        placeholders(template_text(SITE_TEMPLATE))
+    )
+    known.discard(USER_DIRECTIVE)
+    values = dict(DEFAULTS)
+    values.update({key: env[key] for key in known if key in env})
+    values.update(overrides or {})
+    return values
+
+
+@dataclass(frozen=True)
+class NginxConfig:
+    """A rendered config under `prefix` and the commands that run and stop it."""
+
+    prefix: Path
+    conf: Path
+    nginx: str = "nginx"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.prefix / "nginx.pid"
+
+    @property
+    def error_log(self) -> Path:
+        return self.prefix / "logs" / "error.log"
+
+    @property
+    def access_log(self) -> Path:
+        return self.prefix / "logs" / "access.log"
+
+    def command(self, *extra: str) -> list[str]:
+        # -e: the log nginx writes before it has read the config (else the built-in default).
+        return [
+            self.nginx,
+            "-p",
+            f"{self.prefix}/",
+            "-c",
+            str(self.conf),
+            "-e",
+            str(self.error_log),
+            *extra,
+        ]
+
+    @property
+    def stop_command(self) -> list[str]:
+        """Graceful stop: finish the requests in flight, then exit."""
+        return self.command("-s", "quit")
+
+    def check(self) -> str:
+        """`nginx -t` on this config; returns nginx's report, raises NginxConfigError if bad."""
+        done = subprocess.run(self.command("-t"), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise NginxConfigError(f"nginx rejected {self.conf}:\n{done.stderr.strip()}")
+        return done.stderr
+
+
+def _traversable_by_others(path: Path) -> bool:
+    return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents))
+
+
+def write_config(
+    prefix: Path,
+    variables: Mapping[str, str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    nginx: str = "nginx",
+) -> NginxConfig:
+    """Write `conf/nginx.conf` + `conf/default.conf` under `prefix` and create logs/ and tmp/.
+
+    `user`: the `user` directive, only meaningful when the master runs as root. Left out, the
+    workers of a root master run as nginx's built-in default (`nobody`), which then needs to
+    reach `prefix/tmp` (large uploads are buffered there): every parent folder must be
+    traversable by others.
+    """
+    prefix = Path(prefix).resolve()
+    values = nginx_variables(variables, env)
+    values[USER_DIRECTIVE] = f"user {user};" if user else "# no user directive (see write_config)"
+    conf_dir = prefix / "conf"
+    for folder in (conf_dir, prefix / "logs", prefix / "tmp"):
+        folder.mkdir(parents=True, exist_ok=True)
+    site = render(template_text(SITE_TEMPLATE), values, SITE_TEMPLATE)
+    main = render(template_text(MAIN_TEMPLATE), values, MAIN_TEMPLATE)
+    (conf_dir / "default.conf").write_text(site, encoding="utf-8")
+    conf = conf_dir / "nginx.conf"
+    conf.write_text(main, encoding="utf-8")
+    if os.geteuid() == 0 and user is None and not _traversable_by_others(prefix / "tmp"):
+        log.warning(
+            "nginx workers will run as 'nobody' but cannot reach %s: uploads larger than the "
+            "client body buffer will fail; use a prefix others can traverse or pass user=",
+            prefix / "tmp",
+        )
+    log.info("nginx config for %s written to %s", values.get("SERVICE_UPSTREAM"), conf)
+    return NginxConfig(prefix=prefix, conf=conf, nginx=nginx)
