@@ -166,8 +166,19 @@ class DeployPrefectConfig(StrictModel):
     deployment_name: str = "drift_detection_evidently"
 
 
+class PromotionConfig(StrictModel):
+    """The new model must not be worse than the champion by more than `max_drop`."""
+
+    metric: Literal["accuracy", "auc_macro_ovr"] = "accuracy"
+    max_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+
+
 class DeployConfig(StrictModel):
     model_metadata_file_name: str | None = None
+    service_url: str | None = Field(
+        default=None, description="model service base URL; None: CVOPS_SERVICE_URL or skip"
+    )
+    promotion: PromotionConfig = PromotionConfig()
     prefect: DeployPrefectConfig = DeployPrefectConfig()
 
 

@@ -115,13 +115,16 @@ def test_mlflow_run_holds_metrics_figures_and_registry(project: dict) -> None:
     } <= artifacts
     versions = client.search_model_versions(f"name='{name}'")
     assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run.info.run_id
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert run.data.tags["promotion.decision"] == "promote"
 
 
 def test_summary_says_where_results_are(project: dict) -> None:
     out = project["stdout"]
     assert str(project["storage"].resolve() / "models") in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
-    assert "deployment is not configured" in out
+    assert "no model service configured" in out
+    assert "is champion" in out
 
 
 def test_invalid_config_fails_fast_naming_the_field(tmp_path: Path) -> None:

@@ -13,16 +13,13 @@ from prefect.artifacts import create_link_artifact
 
 from cvops import tracking
 from cvops.config import FlowConfig
-from cvops.data.images import check_classes, index_split, select_classes
 from cvops.flows.common import as_config, step
 from cvops.model.evaluate import (
     Evaluation,
     classification_report_figure,
     confusion_matrix_figure,
-    evaluate,
-    predict,
+    evaluate_on_split,
 )
-from cvops.model.pipeline import make_dataset
 from cvops.settings import Settings, get_settings
 from cvops.storage import CentralStorage, ModelMetadata, read_metadata, write_metadata
 
@@ -40,21 +37,8 @@ def metadata_file_name(cfg: FlowConfig) -> str:
 def evaluate_model(cfg: FlowConfig, storage: CentralStorage, meta: ModelMetadata) -> Evaluation:
     assert cfg.dataset is not None and cfg.evaluate is not None
     model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
-    frame = index_split(cfg.dataset.path, cfg.evaluate.subset)
-    check_classes(frame, meta.classes, f"{cfg.dataset.path} [{cfg.evaluate.subset}]")
-    frame = select_classes(frame, meta.classes)
     size = (meta.input_size.h, meta.input_size.w)
-    ds = make_dataset(frame["path"].tolist(), frame["target"].tolist(), size, 128, cache=False)
-    probs, targets = predict(model, ds)
-    result = evaluate(probs, targets, meta.classes)
-    log.info(
-        "Evaluation on %s (%d images): accuracy %.4f, macro OvR AUC %.4f",
-        cfg.evaluate.subset,
-        len(frame),
-        result.accuracy,
-        result.auc_macro_ovr,
-    )
-    return result
+    return evaluate_on_split(model, cfg.dataset.path, cfg.evaluate.subset, meta.classes, size)
 
 
 @step("log-evaluation")

@@ -1,4 +1,4 @@
-"""Full flow: train -> evaluate -> (deploy, once the deploy flow exists)."""
+"""Full flow: train -> evaluate -> deploy (when the config has a deploy section)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,25 @@ from typing import Any
 from prefect import flow
 
 from cvops.flows.common import as_config
+from cvops.flows.deploy_flow import deploy_flow
 from cvops.flows.eval_flow import eval_flow
 from cvops.flows.train_flow import train_flow
 
 log = logging.getLogger(__name__)
 
-DEPLOY_NOT_CONFIGURED = (
-    "deployment is not configured: the deploy flow (model service + monitoring) is not "
-    "part of this release; the packaged model is in central storage"
-)
+DEPLOY_NOT_CONFIGURED = "deployment is not configured (no deploy section in the config)"
 
 
 @flow(name="full_flow", log_prints=True)
 def full_flow(config: dict[str, Any]) -> dict[str, Any]:
-    as_config(config, "model", "dataset", "train", "evaluate")
+    cfg = as_config(config, "model", "dataset", "train", "evaluate")
     results = dict(train_flow(config))
     results.update(eval_flow(config))
-    log.warning("Full flow: %s", DEPLOY_NOT_CONFIGURED)
-    results["deploy"] = DEPLOY_NOT_CONFIGURED
+    if cfg.deploy is None:
+        log.warning("Full flow: %s", DEPLOY_NOT_CONFIGURED)
+        results["deploy"] = DEPLOY_NOT_CONFIGURED
+    else:
+        results.update(deploy_flow(config))
     return results
 
 

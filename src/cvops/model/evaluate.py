@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,6 +12,9 @@ import pandas as pd
 import tensorflow as tf
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
+
+from cvops.data.images import check_classes, index_split, select_classes
+from cvops.model.pipeline import make_dataset
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,26 @@ def evaluate(probs: np.ndarray, targets: np.ndarray, classes: list[str]) -> Eval
         report=report,
         classes=classes,
     )
+
+
+def evaluate_on_split(
+    model: keras.Model, dataset_dir: Path, split: str, classes: list[str], size: tuple[int, int]
+) -> Evaluation:
+    """Score a model on one split of an image-folder dataset (size is (height, width))."""
+    frame = index_split(dataset_dir, split)
+    check_classes(frame, classes, f"{dataset_dir} [{split}]")
+    frame = select_classes(frame, classes)
+    ds = make_dataset(frame["path"].tolist(), frame["target"].tolist(), size, 128, cache=False)
+    probs, targets = predict(model, ds)
+    result = evaluate(probs, targets, classes)
+    log.info(
+        "Evaluation on %s (%d images): accuracy %.4f, macro OvR AUC %.4f",
+        split,
+        len(frame),
+        result.accuracy,
+        result.auc_macro_ovr,
+    )
+    return result
 
 
 def confusion_matrix_figure(ev: Evaluation) -> Figure:

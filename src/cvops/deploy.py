@@ -1,0 +1,104 @@
+"""Deployment steps as plain functions: promotion gate, registry aliases, service reload,
+Prefect Variables. The deploy flow only orchestrates them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import httpx
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+VARIABLE_METADATA_FILE = "current_model_metadata_file"
+VARIABLE_POOL = "monitor_pool_name"
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promote: bool
+    reason: str
+    new_score: float
+    champion_score: float | None
+
+
+def decide_promotion(
+    new_score: float, champion_score: float | None, max_drop: float, metric: str
+) -> PromotionDecision:
+    """Promote unless the new model is worse than the champion by more than `max_drop`."""
+    if champion_score is None:
+        return PromotionDecision(True, "no champion yet", new_score, None)
+    drop = champion_score - new_score
+    if drop > max_drop:
+        reason = (
+            f"{metric} {new_score:.4f} is {drop:.4f} below the champion's {champion_score:.4f} "
+            f"(allowed drop {max_drop:.4f})"
+        )
+        return PromotionDecision(False, reason, new_score, champion_score)
+    reason = f"{metric} {new_score:.4f} vs champion {champion_score:.4f} (allowed drop {max_drop})"
+    return PromotionDecision(True, reason, new_score, champion_score)
+
+
+def champion_version(client: MlflowClient, name: str, alias: str = CHAMPION) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote(client: MlflowClient, name: str, version: str) -> str | None:
+    """Make `version` the champion; the old champion becomes `previous`. Returns the old one."""
+    old = champion_version(client, name)
+    if old == str(version):
+        return old
+    if old is not None:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    log.info("Registry: %s champion v%s (previous: v%s)", name, version, old)
+    return old
+
+
+def rollback_aliases(client: MlflowClient, name: str) -> tuple[str, str]:
+    """Swap champion and previous; returns (new champion, new previous)."""
+    champion, previous = champion_version(client, name), champion_version(client, name, PREVIOUS)
+    if previous is None or champion is None:
+        raise RuntimeError(f"{name}: nothing to roll back to (no '{PREVIOUS}' alias)")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_alias(name, PREVIOUS, champion)
+    return previous, champion
+
+
+def service_url(configured: str | None) -> str | None:
+    return configured or os.environ.get("CVOPS_SERVICE_URL") or None
+
+
+@retry(
+    retry=retry_if_exception_type(httpx.TransportError),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    stop=stop_after_attempt(5),
+    reraise=True,
+)
+def update_service_model(base_url: str, metadata_file: str, token: str | None) -> dict:
+    """`PUT /update_model/{metadata_file}` on the service; returns once all workers serve it."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.put(
+        f"{base_url.rstrip('/')}/update_model/{metadata_file}", headers=headers, timeout=120
+    )
+    if response.status_code != 200:
+        raise RuntimeError(
+            f"service refused model {metadata_file}: HTTP {response.status_code} {response.text}"
+        )
+    return response.json()
+
+
+def set_prefect_variables(metadata_file: str, pool_name: str) -> None:
+    from prefect.variables import Variable
+
+    Variable.set(VARIABLE_METADATA_FILE, metadata_file, overwrite=True)
+    Variable.set(VARIABLE_POOL, pool_name, overwrite=True)
