@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
 
@@ -64,6 +66,16 @@ class RequestLogMiddleware(BaseHTTPMiddleware):
         return response
 
 
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """One readable reason, same shape as every other error: {"detail": "<field>: <msg>"}."""
+    assert isinstance(exc, RequestValidationError)
+    reasons = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "request"
+        reasons.append(f"{where}: {error.get('msg', 'invalid')}")
+    return JSONResponse({"detail": "; ".join(reasons)}, status_code=422)
+
+
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
 
@@ -86,6 +98,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(RequestLogMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # outermost
     app.add_exception_handler(BodyTooLarge, body_too_large_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(router)
     app.include_router(webui_router)
     return app
