@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)  ## create .venv and install cvops with the locked dependencies
 
-system-deps:  ## Debian packages the tests need (PostgreSQL 15), installed where missing
-	scripts/install-system-deps.sh postgresql
+system-deps:  ## Debian packages the tests need (PostgreSQL 15, nginx, Chromium), where missing
+	scripts/install-system-deps.sh postgresql nginx chromium chromium-driver
 
 demo: setup  ## generate the DVC demo dataset and run the full flow
 	$(BIN)/cvops data demo-repo

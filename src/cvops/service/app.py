@@ -25,7 +25,7 @@ from cvops.service.state import ServiceState
 from cvops.service.webui import router as webui_router
 
 log = logging.getLogger(__name__)
-UNLOGGED_PATHS = frozenset({"/health_check", "/ready", "/metrics"})
+UNLOGGED_PATHS = frozenset({"/health_check", "/ready", "/metrics", "/", "/ui"})
 
 
 class RequestLogMiddleware(BaseHTTPMiddleware):

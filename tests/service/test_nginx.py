@@ -1,0 +1,195 @@
+"""nginx in front of the service: the template renders, and Debian's nginx really proxies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cvops.service.nginx import (
+    SITE_TEMPLATE,
+    NginxConfig,
+    NginxConfigError,
+    nginx_variables,
+    render,
+    template_text,
+    write_config,
+)
+from tests.service.conftest import ServiceProcess, free_port, image_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+NEEDED = {"NGINX_PORT": "8081", "SERVICE_UPSTREAM": "127.0.0.1:8080"}
+
+
+def test_template_substitutes_only_placeholders(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "ngx", {**NEEDED, "NGINX_MAX_BODY_SIZE": "3M"}, env={})
+    site = (config.conf.parent / "default.conf").read_text()
+    assert "listen 127.0.0.1:8081;" in site
+    assert "server 127.0.0.1:8080;" in site
+    assert "client_max_body_size 3M;" in site
+    for header in ("Host", "X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto"):
+        assert f"proxy_set_header {header} $" in site
+    assert "$remote_addr" in site and "$proxy_add_x_forwarded_for" in site  # nginx's own vars
+    assert "${" not in site
+    main = config.conf.read_text()
+    assert "daemon off;" in main and "\nuser " not in main
+    for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        assert f"{temp}_temp_path tmp/{temp};" in main
+    # The environment fills what is not passed explicitly.
+    env_config = write_config(tmp_path / "env", env={**NEEDED, "NGINX_PORT": "9099"})
+    assert "listen 127.0.0.1:9099;" in (env_config.conf.parent / "default.conf").read_text()
+
+
+def test_missing_or_unsafe_variable_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(NginxConfigError, match="missing variable.*SERVICE_UPSTREAM"):
+        write_config(tmp_path, {"NGINX_PORT": "8081"}, env={})
+    with pytest.raises(NginxConfigError, match="NGINX_MAX_BODY_SIZE"):
+        values = nginx_variables({**NEEDED, "NGINX_MAX_BODY_SIZE": "1M; x"}, env={})
+        render(template_text(SITE_TEMPLATE), values)
+
+
+def test_nginx_accepts_the_config(tmp_path: Path) -> None:
+    if not shutil.which("nginx"):
+        pytest.fail("nginx is not installed (make system-deps)")
+    config = write_config(tmp_path / "ngx", {**NEEDED, "NGINX_PORT": str(free_port())}, env={})
+    assert "syntax is ok" in config.check()
+
+
+# --- real nginx in front of real gunicorn workers -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nginx_binary() -> str:
+    if not shutil.which("nginx"):
+        done = subprocess.run(
+            [str(REPO / "scripts" / "install-system-deps.sh"), "nginx"],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0 or not shutil.which("nginx"):
+            pytest.fail(f"nginx missing and not installable: {done.stderr}")
+    return str(shutil.which("nginx"))
+
+
+@pytest.fixture()
+def prefix() -> Iterator[Path]:
+    """Outside pytest's 0700 tmp: a root master's workers run as `nobody` and must reach it."""
+    path = Path(tempfile.mkdtemp(prefix="cvops-nginx-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_up(base: str, proc: subprocess.Popen[bytes], config: NginxConfig) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            httpx.get(f"{base}/health_check", timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("nginx did not start:\n" + config.error_log.read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_prediction_through_nginx(
+    nginx_binary: str, prefix: Path, storage_root: Path, tmp_path: Path
+) -> None:
+    with ServiceProcess(storage_root, tmp_path) as service:
+        port = free_port()
+        config = write_config(
+            prefix,
+            {
+                "NGINX_PORT": str(port),
+                "SERVICE_UPSTREAM": f"127.0.0.1:{service.port}",
+                "NGINX_MAX_BODY_SIZE": "1M",
+                "NGINX_WORKER_PROCESSES": "2",
+            },
+            env={},
+            nginx=nginx_binary,
+        )
+        base = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(
+            config.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_up(base, proc, config)
+            workers = children(proc.pid)
+            assert len(workers) == 2
+
+            health = httpx.get(f"{base}/health_check", timeout=10)
+            assert health.status_code == 200
+            assert health.json()["model_name"] == "shapes_a"
+            assert "X-Cvops-Worker" in health.headers  # answered by the service
+
+            small = image_bytes("PNG", size=(64, 48), seed=3)
+            direct = httpx.post(f"{service.base}/predict", files={"file": ("a.png", small)})
+            proxied = httpx.post(f"{base}/predict", files={"file": ("a.png", small)}, timeout=60)
+            assert proxied.status_code == 200, proxied.text
+            body = proxied.json()
+            assert (body["model_name"], body["model_version"]) == ("shapes_a", "1")
+            assert body["predicted_class"] == direct.json()["predicted_class"]
+            assert body["prediction"] == pytest.approx(direct.json()["prediction"], abs=1e-5)
+
+            # Larger than the client body buffer: nginx spools it to PREFIX/tmp as `nobody`.
+            large = image_bytes("PNG", size=(320, 320), seed=4)
+            assert 100_000 < len(large) < 1_000_000
+            answer = httpx.post(f"{base}/predict", files={"file": ("b.png", large)}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert "buffered to a temporary file" in config.error_log.read_text()
+
+            metrics = httpx.get(f"{base}/metrics", timeout=10)
+            assert metrics.status_code == 200
+            assert "# TYPE" in metrics.text
+
+            too_big = os.urandom(1_500_000)
+            refused = httpx.post(f"{base}/predict", files={"file": ("c.png", too_big)}, timeout=60)
+            assert refused.status_code == 413
+            assert "X-Cvops-Worker" not in refused.headers  # nginx refused it, not the service
+            assert "too large" in refused.json()["detail"]
+        finally:
+            subprocess.run(config.stop_command, check=False, capture_output=True)
+            try:
+                returncode = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+        assert returncode == 0
+        assert not config.pid_file.exists()
+        left = [pid for pid in {proc.pid, *workers} if alive(pid)]
+        assert not left, f"nginx processes left: {left}"
+        assert "access.log" in os.listdir(prefix / "logs")

@@ -1,0 +1,127 @@
+"""Schemathesis fuzzing: requests generated from the app's own OpenAPI schema, valid and
+invalid, get no server error and only answers the schema documents.
+
+The app runs in-process through schemathesis' ASGI transport with its lifespan, so a model is
+loaded and the batcher, recorder and reload watcher run as they do in a worker. Every request
+carries the admin bearer token (negative generation also drops it, which exercises the 401).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import schemathesis
+from fastapi import FastAPI
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi as schemathesis_asgi
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from cvops.service.app import create_app
+from cvops.service.settings import ServiceSettings
+from tests.service.conftest import image_bytes
+
+# Per operation and generation mode. The parameterless GETs have a single possible request;
+# POST /predict and PUT /update_model make up the count.
+MAX_EXAMPLES = 140
+MIN_REQUESTS = 500
+AUTH = {"Authorization": "Bearer s3cret"}  # the `settings` fixture's admin token
+PREDICT, UPDATE = "POST /predict", "PUT /update_model/{metadata_file}"
+
+
+@dataclass
+class FuzzRun:
+    """Requests sent, statuses seen and every distinct failed check (with a curl repro)."""
+
+    sent: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    failures: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def send(self, case: Any, checks: list[Callable[..., Any]]) -> Any:
+        response = case.call(headers=AUTH)
+        self.sent[case.operation.label] += 1
+        self.statuses[(case.operation.label, response.status_code)] += 1
+        try:
+            case.validate_response(response, checks=checks, headers=AUTH)
+        except BaseExceptionGroup as err:  # schemathesis' FailureGroup: collect, report at the end
+            text = str(err)
+            kind = next((ln for ln in text.splitlines() if ln.startswith("- ")), text[:80])
+            key = (case.operation.label, f"{kind} [{response.status_code}]")
+            self.failures.setdefault(key, text[:2500])
+        return response
+
+    @property
+    def total(self) -> int:
+        return sum(self.sent.values())
+
+    def summary(self) -> str:
+        return f"{self.total} requests: {dict(self.sent)}; statuses: {dict(self.statuses)}"
+
+
+@pytest.fixture()
+def app(settings: ServiceSettings) -> Iterator[FastAPI]:
+    app = create_app(settings)
+    yield app
+    # schemathesis starts the app's lifespan on first use and keeps it for the process.
+    schemathesis_asgi.shutdown_lifespans()
+
+
+def fuzz(app: FastAPI, checks: list[Callable[..., Any]]) -> FuzzRun:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    run = FuzzRun()
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {PREDICT, UPDATE}
+
+    def generated(case: Any) -> None:
+        run.send(case, checks)
+
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            test = settings(
+                max_examples=MAX_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )(given(case=operation.as_strategy(generation_mode=mode))(generated))
+            try:
+                test()
+            except Unsatisfiable:
+                if mode is GenerationMode.POSITIVE:  # a parameterless GET has no invalid input
+                    raise
+
+    # Random bytes are never an image and random names never a model: also send the success
+    # paths, so that their answers are checked against the schema too.
+    predict, update = schema["/predict"]["POST"], schema["/update_model/{metadata_file}"]["PUT"]
+    image = {"file": image_bytes("PNG", seed=5)}
+    for name in ("shapes_b.yaml", "shapes_a.yaml"):
+        response = run.send(update.Case(path_parameters={"metadata_file": name}), checks)
+        assert response.status_code == 200, response.text
+        response = run.send(predict.Case(body=image, media_type="multipart/form-data"), checks)
+        assert response.status_code == 200, response.text
+    return run
+
+
+def test_generated_requests_get_no_server_error(app: FastAPI) -> None:
+    run = fuzz(app, [not_a_server_error, status_code_conformance, content_type_conformance])
+    assert not run.failures, run.summary() + "\n\n" + "\n\n".join(run.failures.values())
+    assert run.total >= MIN_REQUESTS, run.summary()
+    assert run.sent[PREDICT] >= 100 and run.sent[UPDATE] >= 100, run.summary()
+    assert run.statuses[(UPDATE, 401)] > 0  # negative cases without the token were refused
+
+
+def test_generated_requests_get_documented_responses(app: FastAPI) -> None:
+    run = fuzz(app, [response_schema_conformance])
+    assert not run.failures, run.summary() + "\n\n" + "\n\n".join(run.failures.values())
+    assert run.total >= MIN_REQUESTS, run.summary()
