@@ -142,7 +142,11 @@ class ValidationGateConfig(StrictModel):
         default=10, ge=0, le=32, description="perceptual-hash distance of a near-duplicate"
     )
     near_dup_min_similarity: float = Field(
-        default=0.96, ge=0.0, le=1.0, description="colour-thumbnail correlation that confirms it"
+        default=0.94,
+        ge=0.0,
+        le=1.0,
+        description="thumbnail colour + texture correlation that confirms a hash candidate "
+        "(copies score > 0.96, look-alike demo images < 0.93)",
     )
     min_image_side: PositiveInt = Field(default=16, description="smaller sides are tiny images")
     max_examples: PositiveInt = Field(default=12, description="thumbnails per issue in the report")

@@ -189,6 +189,20 @@ def test_class_problems(tmp_path: Path) -> None:
     assert "extra_class" in {g.name for g in result.warnings}
 
 
+def test_missing_test_split_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "images/train/circle").mkdir(parents=True)  # reference layout, no test/
+    _noise_image(7).save(tmp_path / "images/train/circle/a.png")
+    (tmp_path / "images/train/square").mkdir()
+    result = validate_dataset(tmp_path, classes=["circle", "square"], workers=1)
+    assert [(i.split, i.label) for i in result.issues_of("missing_class")] == [
+        ("train", "square"),
+        ("test", "circle"),
+        ("test", "square"),
+    ]
+    assert {g.name for g in result.gate_failures} == {"missing_class"}
+    assert "<svg" in render_html(result)
+
+
 def test_brightness_shift_is_drift(tmp_path: Path) -> None:
     root = tmp_path / "bright"
     generate_demo_dataset(root, n_train_per_class=15, n_test_per_class=15, classes=CLASSES)

@@ -1,4 +1,4 @@
-"""Train flow: data version -> validation slot -> fit -> detectors -> package + register."""
+"""Train flow: data version -> validation report + gates -> fit -> detectors -> package."""
 
 from __future__ import annotations
 

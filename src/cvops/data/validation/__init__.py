@@ -14,17 +14,36 @@ imagehash and OpenCV, already installed, cover what we need.
         raise DataValidationError.from_result(result)
 """
 
-from cvops.data.validation.checks import (
-    DataValidationError,
-    GateResult,
-    Issue,
-    PropertyStats,
-    ValidationResult,
-    failure_message,
-    validate_dataset,
-)
-from cvops.data.validation.report import render_html, write_html_report
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cvops.data.validation.checks import (
+        DataValidationError,
+        GateResult,
+        Issue,
+        PropertyStats,
+        ValidationResult,
+        failure_message,
+        validate_dataset,
+    )
+    from cvops.data.validation.report import render_html, write_html_report
+
+# Lazy: the worker processes import features.py through this package and must not pay for
+# pandas/scipy.stats/pydantic at start-up.
+_EXPORTS = {
+    "DataValidationError": "checks",
+    "GateResult": "checks",
+    "Issue": "checks",
+    "PropertyStats": "checks",
+    "ValidationResult": "checks",
+    "failure_message": "checks",
+    "validate_dataset": "checks",
+    "render_html": "report",
+    "write_html_report": "report",
+}
 __all__ = [
     "DataValidationError",
     "GateResult",
@@ -36,3 +55,9 @@ __all__ = [
     "validate_dataset",
     "write_html_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

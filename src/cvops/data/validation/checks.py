@@ -6,9 +6,10 @@ stream every file through :func:`~cvops.data.validation.features.analyse_image` 
 processes), keep ~1 KB per image, then compare the splits with numpy/scipy.
 
 Near-duplicates are found without O(n^2) Python loops: 64-bit perceptual hashes are compared
-in numpy chunks (XOR + popcount, bounded memory), and each candidate pair within the Hamming
-threshold is confirmed by the correlation of 16x16 colour thumbnails, which removes the
-look-alike-but-different images (same shape, other colour) that a hash alone confuses.
+in numpy blocks (XOR + popcount, bounded memory), and each candidate pair within the Hamming
+threshold is confirmed by :func:`similarity` (colour layout + texture of small thumbnails),
+which removes the look-alike-but-different images (same shape, other colour or texture) that a
+hash alone confuses.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +34,8 @@ from scipy import stats
 from cvops.config import ValidationGateConfig
 from cvops.data.images import SPLITS, DatasetLayoutError, images_root, index_split
 from cvops.data.validation.features import (
+    COLOUR_SIZE,
+    GREY_SIDE,
     PROPERTIES,
     SIGNATURE_SIZE,
     ImageRecord,
@@ -322,7 +327,8 @@ def validate_dataset(
             )
             for n in names
         ]
-    gate_results = _evaluate_gates(records, class_counts, issues, cfg)
+    context = {"label_shift": label_shift, "properties": properties}
+    gate_results = _evaluate_gates(records, class_counts, issues, cfg, context)
     issues = [i for i in issues if i.severity != "off"]
     examples = _pick_examples(records, issues, properties, class_counts, cfg)
     thumbs = _thumbnails(root, {p for paths in examples.values() for p in paths})
@@ -357,15 +363,31 @@ def validate_dataset(
 
 
 def _iter_records(paths: list[str], workers: int) -> Iterator[ImageRecord]:
+    """Records in path order: from ``workers`` processes, or in this process for small jobs."""
     if workers <= 1 or len(paths) < MIN_FILES_FOR_POOL:
         init_worker()
         yield from map(analyse_image, paths)
         return
     # spawn, not fork: the flow process runs TensorFlow/Prefect threads that fork would copy.
+    # The children import only features.py (numpy, Pillow, OpenCV, imagehash): ~1 s to start.
     ctx = multiprocessing.get_context("spawn")
     chunk = max(8, min(64, len(paths) // (workers * 8)))
-    with ctx.Pool(workers, initializer=init_worker) as pool:
-        yield from pool.imap(analyse_image, paths, chunksize=chunk)
+    done = 0
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker) as pool:
+            for rec in pool.map(analyse_image, paths, chunksize=chunk):
+                done += 1
+                yield rec
+    except BrokenProcessPool as err:
+        # e.g. a script without `if __name__ == "__main__":` that spawn cannot re-import
+        log.warning(
+            "Data validation: worker processes failed (%s); analysing the remaining %d files "
+            "in this process",
+            err,
+            len(paths) - done,
+        )
+        init_worker()
+        yield from map(analyse_image, paths[done:])
 
 
 def _analyse(
@@ -394,13 +416,12 @@ def _analyse(
             signatures[i] = np.frombuffer(rec.signature, dtype=np.uint8)
         if (i + 1) % 5000 == 0:
             log.info("Data validation: analysed %d / %d files", i + 1, n)
-    records = pd.DataFrame(rows, index=index.index)
+    columns = ["ok", "error", "file_bytes", "file_hash", "pixel_hash", "mode", "format"]
+    records = pd.DataFrame(rows, index=index.index, columns=[*columns, *PROPERTIES])
+    records["ok"] = records["ok"].astype(bool)
     records.insert(0, "path", [_relative(p, root) for p in paths])
     records.insert(1, "split", index["split"].to_numpy())
     records.insert(2, "label", index["label"].to_numpy())
-    if n == 0:
-        records = records.reindex(columns=["path", "split", "label", "ok", "error", "mode"])
-        records["ok"] = records["ok"].astype(bool)
     return records, phash, signatures
 
 
@@ -566,16 +587,43 @@ def hamming_pairs(
         yield r[ri], ci, dist[ri, ci]
 
 
-def _similarity(signatures: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Correlation of the colour thumbnails: ~1 for resized/recompressed/brightened copies."""
+def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation of two (pairs, values) float arrays; 0 for flat rows."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return np.where(norm > 0, (x * y).sum(axis=1) / np.maximum(norm, 1e-9), 0.0)
+
+
+def _gradient_magnitude(grey: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of a batch of (n, h, w) images, flattened to (n, h*w)."""
+    p = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+    gx = (p[:, :-2, 2:] + 2 * p[:, 1:-1, 2:] + p[:, 2:, 2:]) - (
+        p[:, :-2, :-2] + 2 * p[:, 1:-1, :-2] + p[:, 2:, :-2]
+    )
+    gy = (p[:, 2:, :-2] + 2 * p[:, 2:, 1:-1] + p[:, 2:, 2:]) - (
+        p[:, :-2, :-2] + 2 * p[:, :-2, 1:-1] + p[:, :-2, 2:]
+    )
+    return np.sqrt(gx * gx + gy * gy).reshape(len(grey), -1)
+
+
+def similarity(signatures: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How alike image pairs (a[k], b[k]) are, in [-1, 1]: the lower of two correlations.
+
+    Colour thumbnails (16x16) catch a different layout or colour; gradient magnitudes of 32x32
+    grey thumbnails catch a different texture (stripes vs dots vs plain). Both are invariant to
+    brightness/contrast changes and survive resizing and recompression: copies score > 0.95,
+    look-alike but distinct demo images < 0.93.
+    """
     out = np.empty(len(a), dtype=np.float32)
-    for s in range(0, len(a), 8192):
-        x = signatures[a[s : s + 8192]].astype(np.float32)
-        y = signatures[b[s : s + 8192]].astype(np.float32)
-        x -= x.mean(axis=1, keepdims=True)
-        y -= y.mean(axis=1, keepdims=True)
-        norm = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-        out[s : s + 8192] = np.where(norm > 0, (x * y).sum(axis=1) / np.maximum(norm, 1e-9), 0.0)
+    side = GREY_SIDE
+    for s in range(0, len(a), 4096):
+        x = signatures[a[s : s + 4096]].astype(np.float32)
+        y = signatures[b[s : s + 4096]].astype(np.float32)
+        colour = _correlation(x[:, :COLOUR_SIZE], y[:, :COLOUR_SIZE])
+        gx = _gradient_magnitude(x[:, COLOUR_SIZE:].reshape(-1, side, side))
+        gy = _gradient_magnitude(y[:, COLOUR_SIZE:].reshape(-1, side, side))
+        out[s : s + 4096] = np.minimum(colour, _correlation(gx, gy))
     return out
 
 
@@ -627,7 +675,7 @@ def _duplicate_issues(
         if not len(i):
             continue
         n_candidates += len(i)
-        sim = _similarity(signatures, i, j)
+        sim = similarity(signatures, i, j)
         keep = sim >= cfg.near_dup_min_similarity
         for a, b, s in zip(i[keep], j[keep], sim[keep], strict=True):
             target = leak if is_test[a] and not is_test[b] else dup
@@ -676,6 +724,7 @@ def _evaluate_gates(
     class_counts: dict[str, dict[str, int]],
     issues: list[Issue],
     cfg: ValidationGateConfig,
+    context: dict[str, Any] | None = None,
 ) -> list[GateResult]:
     """Turn findings into gate outcomes and set each finding's severity from its gate."""
     by_kind: dict[str, list[Issue]] = {}
@@ -701,7 +750,7 @@ def _evaluate_gates(
             )
         else:
             status = "off" if level == "off" else (level if triggered else "pass")
-            message = _gate_message(gate, found, class_counts, cfg)
+            message = _gate_message(gate, found, class_counts, cfg, context or {})
         for issue in found:
             issue.severity = status
         results.append(GateResult(gate, level, status, message, [i.line for i in found if i.path]))
@@ -724,6 +773,7 @@ def _gate_message(
     found: list[Issue],
     class_counts: dict[str, dict[str, int]],
     cfg: ValidationGateConfig,
+    context: dict[str, Any],
 ) -> str:
     n = len(found)
     if gate == "corrupt":
@@ -750,11 +800,24 @@ def _gate_message(
             f"{n} image(s) duplicate another of their split "
             f"({exact} exact, {n - exact} near; {per_split})"
         )
-    if gate in ("label_shift",):
-        return found[0].message if n else "class shares of train and test agree"
+    if gate == "label_shift":
+        if n:
+            return found[0].message
+        shift = context.get("label_shift", {})
+        return (
+            f"class shares agree: total variation {shift.get('tv', float('nan')):.3f} "
+            f"(limit {cfg.max_label_tv:g}), chi-square p={shift.get('chi2_p', float('nan')):.2g}"
+        )
     if gate == "property_drift":
         if not n:
-            return "no image property drifts between train and test"
+            props = [p for p in context.get("properties", []) if np.isfinite(p.ks)]
+            if not props:
+                return "not enough readable images to compare the splits"
+            top = max(props, key=lambda p: p.ks)
+            return (
+                f"no drift in {len(props)} properties (largest KS {top.ks:.3f}, {top.name}; "
+                f"limit {cfg.drift_ks_threshold:g})"
+            )
         return f"{n} propert{'y' if n == 1 else 'ies'} drift: " + "; ".join(
             i.message for i in found
         )

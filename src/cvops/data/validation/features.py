@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 
 # Decode big JPEGs at a reduced scale (Pillow's draft mode): features need ~512 px, not 24 MP.
 ANALYSIS_SIDE = 512
-# Side of the colour thumbnail that confirms a perceptual-hash near-duplicate candidate.
-SIGNATURE_SIDE = 16
-SIGNATURE_SIZE = SIGNATURE_SIDE * SIGNATURE_SIDE * 3
+# Thumbnails that confirm a perceptual-hash near-duplicate candidate: 16x16 colour (layout and
+# colour) + 32x32 grey (its gradients tell stripes from dots from plain), 1792 bytes per image.
+COLOUR_SIDE = 16
+GREY_SIDE = 32
+COLOUR_SIZE = COLOUR_SIDE * COLOUR_SIDE * 3
+SIGNATURE_SIZE = COLOUR_SIZE + GREY_SIDE * GREY_SIDE
 # Image properties compared between splits, in report order.
 PROPERTIES: tuple[str, ...] = (
     "width",
@@ -127,16 +130,19 @@ def _measure(rec: ImageRecord, rgb: Image.Image) -> None:
     digest = hashlib.blake2b(str(arr.shape).encode(), digest_size=16)
     digest.update(arr.tobytes())
     rec.pixel_hash = digest.hexdigest()
+    # OpenCV reductions: several times faster than numpy's on small uint8 images.
     grey = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+    mean, std = cv2.meanStdDev(grey)
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
     rec.aspect = rec.width / rec.height
-    rec.brightness = float(grey.mean())
-    rec.contrast = float(grey.std())
-    rec.sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var())
-    rec.saturation = float(cv2.cvtColor(arr, cv2.COLOR_RGB2HSV)[..., 1].mean())
-    rec.mean_r, rec.mean_g, rec.mean_b = (float(v) for v in arr.reshape(-1, 3).mean(axis=0))
+    rec.brightness, rec.contrast = float(mean[0, 0]), float(std[0, 0])
+    rec.sharpness = float(lap_std[0, 0]) ** 2
+    rec.saturation = float(cv2.mean(cv2.cvtColor(arr, cv2.COLOR_RGB2HSV))[1])
+    rec.mean_r, rec.mean_g, rec.mean_b = (float(v) for v in cv2.mean(arr)[:3])
     rec.phash = _hash64(imagehash.phash(rgb))
-    small = rgb.resize((SIGNATURE_SIDE, SIGNATURE_SIDE), Image.Resampling.BILINEAR)
-    rec.signature = np.asarray(small, dtype=np.uint8).tobytes()
+    colour = rgb.resize((COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BILINEAR)
+    grey32 = rgb.convert("L").resize((GREY_SIDE, GREY_SIDE), Image.Resampling.BILINEAR)
+    rec.signature = colour.tobytes() + grey32.tobytes()
 
 
 def thumbnail(path: str, side: int = 96) -> Image.Image | None:
