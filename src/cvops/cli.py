@@ -109,6 +109,46 @@ def serve(
     )
 
 
+@app.command()
+def monitor(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Flow config naming the model")],
+    last_days: Annotated[float, typer.Option(help="Window: predictions of the last N days")] = 7,
+    last_n: Annotated[int, typer.Option(help="Window: at most the newest N predictions")] = 500,
+    alpha: Annotated[float, typer.Option(help="False-alarm rate of the whole check")] = 0.05,
+    db_url: Annotated[
+        str | None, typer.Option(help="Prediction DB (default: the service's setting)")
+    ] = None,
+) -> None:
+    """Check recent predictions for drift against the model's reference data, once.
+
+    Runs the calibrated UAE and BBSD tests, writes one row per test to `drift_reports`, prints
+    the table and exits 0 (drift is a finding, not an error; look for DRIFT DETECTED)."""
+    from cvops.config import ConfigError, load_config
+    from cvops.flows.eval_flow import metadata_file_name
+    from cvops.monitor.check import describe
+    from cvops.monitor.run import run_monitor
+    from cvops.service.settings import ServiceSettings
+    from cvops.settings import get_settings
+    from cvops.storage import CentralStorage
+
+    bootstrap_env()
+    configure_logging()
+    try:
+        cfg = load_config(config, check_flow_module=False)
+    except ConfigError as err:
+        fail(str(err))
+    cfg.require("model")
+    check = run_monitor(
+        CentralStorage(get_settings().central_storage_path),
+        metadata_file_name(cfg),
+        db_url or ServiceSettings().resolved_db_url,
+        last_days=last_days,
+        last_n=last_n,
+        alpha=alpha,
+    )
+    typer.echo(describe(check))
+
+
 @data_app.command("demo")
 def data_demo(
     out: Annotated[Path, typer.Argument(help="Output folder: <out>/{train,test}/<class>/*.jpg")],

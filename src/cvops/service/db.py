@@ -12,7 +12,17 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -55,6 +65,28 @@ class ApiLog(Base):
     prediction_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("predictions.id"), nullable=True
     )
+
+
+class DriftReport(Base):
+    """One row per monitor run x embedding x method: drift results are data, not just logs."""
+
+    __tablename__ = "drift_reports"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(36), index=True)
+    created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    window_start: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    sample_size: Mapped[int] = mapped_column(Integer)
+    reference_size: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[str] = mapped_column(String(20))
+    method: Mapped[str] = mapped_column(String(40))
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    p_value: Mapped[float | None] = mapped_column(Float)
+    drifted: Mapped[bool] = mapped_column(Boolean)
 
 
 def make_engine(url: str) -> Engine:

@@ -1,0 +1,1 @@
+"""Drift monitoring: calibrated two-sample tests on UAE/BBSD embeddings, reports, dashboards."""

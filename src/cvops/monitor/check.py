@@ -1,0 +1,172 @@
+"""One drift check: recent predictions vs the model's reference data, stored as rows.
+
+Predictions are read newest first with a row limit and streamed in chunks, so memory is bounded
+by `last_n` whatever the table size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from cvops.monitor.stats import DEFAULT_METHODS, DriftResult, DriftTester
+from cvops.service.db import DriftReport, Prediction, upgrade_schema
+from cvops.storage import CentralStorage, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS = ("uae", "bbsd")
+
+
+@dataclass
+class Window:
+    uae: np.ndarray
+    bbsd: np.ndarray
+    start: dt.datetime | None
+    end: dt.datetime | None
+
+    @property
+    def size(self) -> int:
+        return len(self.uae)
+
+
+@dataclass
+class DriftCheck:
+    run_id: str
+    model_name: str
+    model_version: str | None
+    window: Window
+    reference_size: int
+    results: dict[str, list[DriftResult]] = field(default_factory=dict)
+
+    @property
+    def drifted(self) -> bool:
+        return any(r.drifted for rs in self.results.values() for r in rs)
+
+    def rows(self) -> list[dict[str, object]]:
+        now = dt.datetime.now(dt.UTC)
+        return [
+            {
+                "id": str(uuid.uuid4()),
+                "run_id": self.run_id,
+                "created_on": now,
+                "model_name": self.model_name,
+                "model_version": self.model_version,
+                "window_start": self.window.start,
+                "window_end": self.window.end,
+                "sample_size": r.sample_size,
+                "reference_size": r.reference_size,
+                "embedding": embedding,
+                "method": r.method,
+                "score": float(r.score),
+                "threshold": float(r.threshold),
+                "p_value": None if r.p_value is None or np.isnan(r.p_value) else float(r.p_value),
+                "drifted": bool(r.drifted),
+            }
+            for embedding, results in self.results.items()
+            for r in results
+        ]
+
+
+def load_reference(storage: CentralStorage, meta: ModelMetadata) -> dict[str, np.ndarray]:
+    table = pq.read_table(
+        storage.resolve(meta.reference_data_path), columns=["uae_feats", "bbsd_feats"]
+    )
+    return {
+        "uae": np.asarray(table.column("uae_feats").to_pylist(), dtype=np.float64),
+        "bbsd": np.asarray(table.column("bbsd_feats").to_pylist(), dtype=np.float64),
+    }
+
+
+def recent_window(
+    engine: Engine, model_name: str, last_days: float, last_n: int, chunk: int = 500
+) -> Window:
+    """Features of at most `last_n` newest predictions of the last `last_days` days."""
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=last_days)
+    stmt = (
+        select(Prediction.uae_feats, Prediction.bbsd_feats, Prediction.created_on)
+        .where(Prediction.model_name == model_name, Prediction.created_on >= since)
+        .order_by(Prediction.created_on.desc())
+        .limit(last_n)
+        .execution_options(yield_per=chunk)
+    )
+    uae, bbsd, times = [], [], []
+    with engine.connect() as conn:
+        for row in conn.execute(stmt):
+            uae.append(row.uae_feats)
+            bbsd.append(row.bbsd_feats)
+            times.append(row.created_on)
+    return Window(
+        np.asarray(uae, dtype=np.float64),
+        np.asarray(bbsd, dtype=np.float64),
+        min(times) if times else None,
+        max(times) if times else None,
+    )
+
+
+def check_drift(
+    reference: dict[str, np.ndarray],
+    window: Window,
+    meta: ModelMetadata,
+    *,
+    methods: dict[str, tuple[str, ...]] | None = None,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> DriftCheck:
+    """Run every enabled test. Each runs at alpha / k (Bonferroni over the k enabled tests), so
+    the run's overall verdict "any test alarms" keeps its false-alarm rate <= alpha."""
+    methods = methods or DEFAULT_METHODS
+    k = sum(len(methods[e]) for e in EMBEDDINGS)
+    level = alpha / k
+    permutations = max(100, math.ceil(2 / level))
+    check = DriftCheck(
+        str(uuid.uuid4()), meta.model_name, meta.version, window, len(reference["uae"])
+    )
+    if window.size < 2:
+        log.warning("Drift check skipped: %d predictions in the window", window.size)
+        return check
+    for embedding in EMBEDDINGS:
+        current = window.uae if embedding == "uae" else window.bbsd
+        tester = DriftTester(
+            reference[embedding],
+            methods[embedding],
+            level,
+            seed,
+            n_permutations=permutations,
+            distance_permutations=max(500, permutations),
+        )
+        check.results[embedding] = tester.test(current)
+    return check
+
+
+def save_check(engine: Engine, check: DriftCheck) -> int:
+    rows = check.rows()
+    if rows:
+        upgrade_schema(engine)
+        with engine.begin() as conn:
+            conn.execute(DriftReport.__table__.insert(), rows)  # type: ignore[attr-defined]
+    return len(rows)
+
+
+def describe(check: DriftCheck) -> str:
+    lines = [
+        f"Drift check {check.run_id} for {check.model_name} v{check.model_version}: "
+        f"{check.window.size} predictions vs {check.reference_size} reference rows"
+    ]
+    for embedding, results in check.results.items():
+        for r in results:
+            verdict = "DRIFT" if r.drifted else "ok"
+            lines.append(
+                f"  {embedding:<4} {r.method:<10} score {r.score:10.4g}  threshold "
+                f"{r.threshold:10.4g}  {verdict}"
+            )
+    lines.append("  verdict: " + ("DRIFT DETECTED" if check.drifted else "no drift"))
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""A monitor run from names to verdict: used by `cvops monitor` and the monitor flow."""
+
+from __future__ import annotations
+
+import logging
+
+from cvops.monitor.check import DriftCheck, check_drift, load_reference, recent_window, save_check
+from cvops.service.db import make_engine
+from cvops.storage import CentralStorage, read_metadata
+
+log = logging.getLogger(__name__)
+
+
+def run_monitor(
+    storage: CentralStorage,
+    metadata_file: str,
+    db_url: str,
+    *,
+    last_days: float = 7,
+    last_n: int = 500,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> DriftCheck:
+    meta = read_metadata(storage.metadata_path(metadata_file))
+    engine = make_engine(db_url)
+    try:
+        window = recent_window(engine, meta.model_name, last_days, last_n)
+        check = check_drift(load_reference(storage, meta), window, meta, alpha=alpha, seed=seed)
+        save_check(engine, check)
+    finally:
+        engine.dispose()
+    if check.drifted:
+        drifted = [f"{e}/{r.method}" for e, rs in check.results.items() for r in rs if r.drifted]
+        log.warning(
+            "DRIFT DETECTED for %s v%s over %d predictions: %s",
+            meta.model_name,
+            meta.version,
+            window.size,
+            ", ".join(drifted),
+        )
+    else:
+        log.info("No drift for %s over %d predictions", meta.model_name, window.size)
+    return check

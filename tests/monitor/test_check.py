@@ -1,0 +1,104 @@
+"""Monitor check over a real prediction DB (SQLite, the service's own schema and writer)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import text
+
+from cvops.monitor.run import run_monitor
+from cvops.service.db import make_engine, upgrade_schema
+from cvops.service.recording import write_batch
+from cvops.storage import CentralStorage, read_metadata
+from tests.service.conftest import package
+
+RNG = np.random.default_rng(0)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def features(n: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    uae = RNG.normal(shift, 1.0, (n, 32))
+    bbsd = softmax(RNG.normal(0, 1.0, (n, 3)) + np.array([shift * 3, 0, 0]))
+    return uae, bbsd
+
+
+@pytest.fixture()
+def setup(tmp_path: Path):
+    root = tmp_path / "cs"
+    metadata_file = package(root, "mon", "3", seed=5)
+    storage = CentralStorage(root)
+    meta = read_metadata(storage.metadata_path(metadata_file))
+    uae, bbsd = features(600)
+    pd.DataFrame({"uae_feats": list(uae), "bbsd_feats": list(bbsd), "label": "circle"}).to_parquet(
+        storage.resolve(meta.reference_data_path)
+    )
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    return storage, metadata_file, url, engine
+
+
+def insert(engine, n: int, shift: float = 0.0, age_days: float = 0.0, model: str = "mon") -> None:
+    uae, bbsd = features(n, shift)
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(days=age_days)
+    rows = [
+        (
+            "prediction",
+            {
+                "id": str(uuid.uuid4()),
+                "model_name": model,
+                "model_version": "3",
+                "prediction_json": {},
+                "uae_feats": u.tolist(),
+                "bbsd_feats": b.tolist(),
+                "created_on": (when - dt.timedelta(seconds=i)).isoformat(),
+            },
+        )
+        for i, (u, b) in enumerate(zip(uae, bbsd, strict=True))
+    ]
+    write_batch(engine, rows)
+
+
+def test_no_drift_then_drift_and_rows_stored(setup) -> None:
+    storage, metadata_file, url, engine = setup
+    insert(engine, 300)
+    calm = run_monitor(storage, metadata_file, url, last_n=300)
+    assert calm.window.size == 300 and not calm.drifted
+    insert(engine, 300, shift=0.6)  # newer rows: the window now holds only shifted ones
+    alarm = run_monitor(storage, metadata_file, url, last_n=300)
+    assert alarm.drifted
+    assert any(r.drifted for r in alarm.results["uae"]) and any(
+        r.drifted for r in alarm.results["bbsd"]
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT run_id, embedding, method, drifted, sample_size FROM drift_reports")
+        ).all()
+    assert {r.run_id for r in rows} == {calm.run_id, alarm.run_id}
+    assert len(rows) == 2 * (len(alarm.results["uae"]) + len(alarm.results["bbsd"]))
+    assert {r.sample_size for r in rows} == {300}
+
+
+def test_window_respects_days_limit_and_model(setup) -> None:
+    storage, metadata_file, url, engine = setup
+    insert(engine, 50, shift=2.0, age_days=10)  # outside last_days
+    insert(engine, 50, model="other", shift=2.0)
+    insert(engine, 120)
+    check = run_monitor(storage, metadata_file, url, last_days=7, last_n=100)
+    assert check.window.size == 100
+    assert not check.drifted
+
+
+def test_empty_window_is_reported_not_crashed(setup) -> None:
+    storage, metadata_file, url, _ = setup
+    check = run_monitor(storage, metadata_file, url)
+    assert check.window.size == 0 and check.results == {} and not check.drifted
