@@ -102,3 +102,36 @@ def test_empty_window_is_reported_not_crashed(setup) -> None:
     storage, metadata_file, url, _ = setup
     check = run_monitor(storage, metadata_file, url)
     assert check.window.size == 0 and check.results == {} and not check.drifted
+
+
+def test_live_accuracy_from_feedback(setup) -> None:
+    storage, metadata_file, url, engine = setup
+    insert(engine, 40)
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(text("SELECT id FROM predictions ORDER BY id"))]
+    # insert() stores no predicted class: give half of them one, then label 20 of those
+    with engine.begin() as conn:
+        for i in ids:
+            conn.execute(
+                text("UPDATE predictions SET prediction_json = :j WHERE id = :i"),
+                {"j": '{"predicted_class": "circle"}', "i": i},
+            )
+    now = dt.datetime.now(dt.UTC).isoformat()
+    labels = ["circle"] * 15 + ["square"] * 5
+    write_batch(
+        engine,
+        [
+            (
+                "feedback",
+                {"id": str(uuid.uuid4()), "prediction_id": i, "label": lab, "created_on": now},
+            )
+            for i, lab in zip(ids[:20], labels, strict=True)
+        ],
+    )
+    check = run_monitor(storage, metadata_file, url)
+    assert check.labelled == 20 and check.live_accuracy == pytest.approx(0.75)
+    with engine.connect() as conn:
+        score = conn.execute(
+            text("SELECT score FROM drift_reports WHERE method = 'live_accuracy'")
+        ).scalar_one()
+    assert score == pytest.approx(0.75)

@@ -182,3 +182,13 @@ def test_oversized_body_rejected_with_or_without_length(settings) -> None:
         )
         assert chunked.status_code == 413
         assert c.post("/predict", files={"file": ("x.png", image_bytes())}).status_code == 200
+
+
+def test_feedback_is_stored_and_validated(client, settings) -> None:
+    pid = client.post("/predict", files={"file": ("x.png", image_bytes())}).json()["prediction_id"]
+    ok = client.post(f"/feedback/{pid}", json={"label": "square"})
+    assert ok.status_code == 200 and ok.json()["label"] == "square"
+    wrong = client.post(f"/feedback/{pid}", json={"label": "giraffe"})
+    assert wrong.status_code == 422 and "giraffe" in wrong.json()["detail"]
+    assert client.post("/feedback/not-a-uuid", json={"label": "square"}).status_code == 422
+    assert wait_for_rows(settings.resolved_db_url, "feedback", 1) == 1

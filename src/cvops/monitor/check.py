@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from cvops.monitor.stats import DEFAULT_METHODS, DriftResult, DriftTester
-from cvops.service.db import DriftReport, Prediction, upgrade_schema
+from cvops.service.db import DriftReport, Feedback, Prediction, upgrade_schema
 from cvops.storage import CentralStorage, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class Window:
     bbsd: np.ndarray
     start: dt.datetime | None
     end: dt.datetime | None
+    ids: list[str] = field(default_factory=list)
+    predicted: list[str | None] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -46,6 +48,9 @@ class DriftCheck:
     window: Window
     reference_size: int
     results: dict[str, list[DriftResult]] = field(default_factory=dict)
+    labelled: int = 0
+    live_accuracy: float | None = None
+    test_accuracy: float | None = None
 
     @property
     def drifted(self) -> bool:
@@ -53,7 +58,7 @@ class DriftCheck:
 
     def rows(self) -> list[dict[str, object]]:
         now = dt.datetime.now(dt.UTC)
-        return [
+        rows = [
             {
                 "id": str(uuid.uuid4()),
                 "run_id": self.run_id,
@@ -74,6 +79,31 @@ class DriftCheck:
             for embedding, results in self.results.items()
             for r in results
         ]
+        if self.live_accuracy is not None:
+            # Informational, not part of the drift verdict: threshold = the test accuracy.
+            rows.append(
+                {
+                    **(rows[0] if rows else {}),
+                    "id": str(uuid.uuid4()),
+                    "run_id": self.run_id,
+                    "created_on": now,
+                    "model_name": self.model_name,
+                    "model_version": self.model_version,
+                    "window_start": self.window.start,
+                    "window_end": self.window.end,
+                    "sample_size": self.labelled,
+                    "reference_size": self.reference_size,
+                    "embedding": "labels",
+                    "method": "live_accuracy",
+                    "score": self.live_accuracy,
+                    "threshold": self.test_accuracy
+                    if self.test_accuracy is not None
+                    else float("nan"),
+                    "p_value": None,
+                    "drifted": False,
+                }
+            )
+        return rows
 
 
 def load_reference(storage: CentralStorage, meta: ModelMetadata) -> dict[str, np.ndarray]:
@@ -92,24 +122,58 @@ def recent_window(
     """Features of at most `last_n` newest predictions of the last `last_days` days."""
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=last_days)
     stmt = (
-        select(Prediction.uae_feats, Prediction.bbsd_feats, Prediction.created_on)
+        select(
+            Prediction.id,
+            Prediction.uae_feats,
+            Prediction.bbsd_feats,
+            Prediction.created_on,
+            Prediction.prediction_json,
+        )
         .where(Prediction.model_name == model_name, Prediction.created_on >= since)
         .order_by(Prediction.created_on.desc())
         .limit(last_n)
         .execution_options(yield_per=chunk)
     )
-    uae, bbsd, times = [], [], []
+    uae, bbsd, times, ids, predicted = [], [], [], [], []
     with engine.connect() as conn:
         for row in conn.execute(stmt):
             uae.append(row.uae_feats)
             bbsd.append(row.bbsd_feats)
             times.append(row.created_on)
+            ids.append(row.id)
+            predicted.append((row.prediction_json or {}).get("predicted_class"))
     return Window(
         np.asarray(uae, dtype=np.float64),
         np.asarray(bbsd, dtype=np.float64),
         min(times) if times else None,
         max(times) if times else None,
+        ids,
+        predicted,
     )
+
+
+def feedback_labels(engine: Engine, ids: list[str], chunk: int = 500) -> dict[str, str]:
+    """Latest true label per prediction id (feedback sent twice: the last one counts)."""
+    labels: dict[str, str] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(ids), chunk):
+            stmt = (
+                select(Feedback.prediction_id, Feedback.label)
+                .where(Feedback.prediction_id.in_(ids[start : start + chunk]))
+                .order_by(Feedback.created_on)
+            )
+            labels.update({row.prediction_id: row.label for row in conn.execute(stmt)})
+    return labels
+
+
+def live_accuracy(engine: Engine, window: Window) -> tuple[int, float | None]:
+    labels = feedback_labels(engine, window.ids)
+    pairs = [
+        (p, labels[i]) for i, p in zip(window.ids, window.predicted, strict=True) if i in labels
+    ]
+    if not pairs:
+        return 0, None
+    return len(pairs), float(np.mean([p == t for p, t in pairs]))
 
 
 def check_drift(
@@ -168,5 +232,10 @@ def describe(check: DriftCheck) -> str:
                 f"  {embedding:<4} {r.method:<10} score {r.score:10.4g}  threshold "
                 f"{r.threshold:10.4g}  {verdict}"
             )
+    if check.live_accuracy is not None:
+        lines.append(
+            f"  live accuracy {check.live_accuracy:.3f} on {check.labelled} labelled predictions"
+            f" (test accuracy {check.test_accuracy})"
+        )
     lines.append("  verdict: " + ("DRIFT DETECTED" if check.drifted else "no drift"))
     return "\n".join(lines)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from cvops.monitor.check import DriftCheck, check_drift, load_reference, recent_window, save_check
+from cvops.monitor.check import (
+    DriftCheck,
+    check_drift,
+    live_accuracy,
+    load_reference,
+    recent_window,
+    save_check,
+)
 from cvops.service.db import make_engine
 from cvops.storage import CentralStorage, read_metadata
 
@@ -26,6 +33,8 @@ def run_monitor(
     try:
         window = recent_window(engine, meta.model_name, last_days, last_n)
         check = check_drift(load_reference(storage, meta), window, meta, alpha=alpha, seed=seed)
+        check.labelled, check.live_accuracy = live_accuracy(engine, window)
+        check.test_accuracy = meta.metrics.get("test_accuracy")
         save_check(engine, check)
     finally:
         engine.dispose()

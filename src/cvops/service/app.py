@@ -46,6 +46,7 @@ class RequestLogMiddleware(BaseHTTPMiddleware):
             prediction = getattr(request.state, "prediction_record", None)
             if prediction is not None:
                 records.append(("prediction", prediction))
+            records.extend(getattr(request.state, "extra_records", []))
             records.append(
                 (
                     "api_log",

@@ -67,6 +67,18 @@ class ApiLog(Base):
     )
 
 
+class Feedback(Base):
+    """A true label for a prediction. No foreign key on purpose: the prediction may still be
+    spooled in another worker when its feedback arrives."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(String(36), index=True)
+    label: Mapped[str] = mapped_column(String(200))
+    created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class DriftReport(Base):
     """One row per monitor run x embedding x method: drift results are data, not just logs."""
 
@@ -84,7 +96,7 @@ class DriftReport(Base):
     embedding: Mapped[str] = mapped_column(String(20))
     method: Mapped[str] = mapped_column(String(40))
     score: Mapped[float] = mapped_column(Float)
-    threshold: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
     p_value: Mapped[float | None] = mapped_column(Float)
     drifted: Mapped[bool] = mapped_column(Boolean)
 

@@ -26,13 +26,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
-from cvops.service.db import ApiLog, Prediction, make_engine, upgrade_schema
+from cvops.service.db import ApiLog, Feedback, Prediction, make_engine, upgrade_schema
 
 log = logging.getLogger(__name__)
 
 TABLES: dict[str, Table] = {
     "prediction": Prediction.__table__,  # type: ignore[dict-item]
     "api_log": ApiLog.__table__,  # type: ignore[dict-item]
+    "feedback": Feedback.__table__,  # type: ignore[dict-item]
 }
 DATETIME_FIELDS = ("created_on",)
 
@@ -108,7 +109,7 @@ def write_batch(engine: Engine, records: list[tuple[str, dict[str, Any]]]) -> No
     """Insert a batch in one transaction; rows already there are skipped (exactly once)."""
     insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     with engine.begin() as conn:
-        for kind in ("prediction", "api_log"):  # parents first (api_log -> predictions)
+        for kind in ("prediction", "api_log", "feedback"):  # parents first (api_log -> predictions)
             rows = [_row(p) for k, p in records if k == kind]
             if rows:
                 conn.execute(insert(TABLES[kind]).on_conflict_do_nothing(), rows)

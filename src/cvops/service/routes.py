@@ -19,7 +19,14 @@ from cvops.model.gradcam import colorize, heatmap_to_image, overlay
 from cvops.model.preprocess import preprocess_image, resize_and_scale
 from cvops.service.images import TF_DECODABLE, BadImage, png_base64, read_upload
 from cvops.service.model_store import LoadedModel, ModelLoadError
-from cvops.service.schemas import ErrorResponse, Health, PredictResponse, UpdateModelResponse
+from cvops.service.schemas import (
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    Health,
+    PredictResponse,
+    UpdateModelResponse,
+)
 from cvops.service.state import InferenceItem, InferenceResult, ServiceState
 
 router = APIRouter()
@@ -165,6 +172,33 @@ async def update_model(metadata_file: str, state: State) -> UpdateModelResponse:
     except ModelLoadError as err:
         raise HTTPException(err.status, err.reason) from None
     return UpdateModelResponse(message="Success", **result)  # type: ignore[arg-type]
+
+
+@router.post(
+    "/feedback/{prediction_id}",
+    response_model=FeedbackResponse,
+    responses=ERRORS,
+    tags=["predict"],
+)
+async def feedback(
+    prediction_id: uuid.UUID, body: FeedbackRequest, request: Request, state: State
+) -> FeedbackResponse:
+    """Store the true label of a prediction; the monitor reports live accuracy from these."""
+    model = state.model
+    if model is not None and body.label not in model.classes:
+        raise HTTPException(422, f"label {body.label!r} is not one of {model.classes}")
+    request.state.extra_records = [
+        (
+            "feedback",
+            {
+                "id": str(uuid.uuid4()),
+                "prediction_id": str(prediction_id),
+                "label": body.label,
+                "created_on": dt.datetime.now(dt.UTC).isoformat(),
+            },
+        )
+    ]
+    return FeedbackResponse(message="Success", prediction_id=str(prediction_id), label=body.label)
 
 
 @router.get("/metrics", tags=["health"], response_class=Response)

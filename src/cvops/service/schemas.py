@@ -39,3 +39,13 @@ class Health(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class FeedbackRequest(BaseModel):
+    label: str = Field(min_length=1, max_length=200, description="the true class")
+
+
+class FeedbackResponse(BaseModel):
+    message: str
+    prediction_id: str
+    label: str

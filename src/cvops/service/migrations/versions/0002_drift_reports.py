@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("embedding", sa.String(20), nullable=False),
         sa.Column("method", sa.String(40), nullable=False),
         sa.Column("score", sa.Float, nullable=False),
-        sa.Column("threshold", sa.Float, nullable=False),
+        sa.Column("threshold", sa.Float),
         sa.Column("p_value", sa.Float),
         sa.Column("drifted", sa.Boolean, nullable=False),
     )
