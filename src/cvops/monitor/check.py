@@ -96,9 +96,7 @@ class DriftCheck:
                     "embedding": "labels",
                     "method": "live_accuracy",
                     "score": self.live_accuracy,
-                    "threshold": self.test_accuracy
-                    if self.test_accuracy is not None
-                    else float("nan"),
+                    "threshold": self.test_accuracy,
                     "p_value": None,
                     "drifted": False,
                 }
