@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -147,6 +148,39 @@ def monitor(
         alpha=alpha,
     )
     typer.echo(describe(check))
+
+
+@app.command()
+def rollback(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Flow config naming the model")],
+) -> None:
+    """Serve the previous champion again: registry alias, model service, Prefect Variable."""
+    from mlflow.tracking import MlflowClient
+
+    from cvops import deploy, tracking
+    from cvops.config import ConfigError, load_config
+    from cvops.settings import get_settings
+
+    bootstrap_env()
+    configure_logging()
+    try:
+        cfg = load_config(config, check_flow_module=False)
+    except ConfigError as err:
+        fail(str(err))
+    cfg.require("model")
+    settings = get_settings()
+    tracking.configure(settings)
+    try:
+        summary = deploy.rollback(
+            MlflowClient(),
+            settings.central_storage_path,
+            cfg.model.model_name,
+            url=deploy.service_url(cfg.deploy.service_url if cfg.deploy else None),
+            token=os.environ.get("CVOPS_SERVICE_ADMIN_TOKEN"),
+        )
+    except RuntimeError as err:
+        fail(str(err), code=1)
+    typer.echo(summary)
 
 
 @data_app.command("demo")

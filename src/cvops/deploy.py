@@ -102,3 +102,38 @@ def set_prefect_variables(metadata_file: str, pool_name: str) -> None:
 
     Variable.set(VARIABLE_METADATA_FILE, metadata_file, overwrite=True)
     Variable.set(VARIABLE_POOL, pool_name, overwrite=True)
+
+
+def rollback(
+    client: MlflowClient,
+    storage_root: str | os.PathLike[str],
+    model_name: str,
+    *,
+    url: str | None,
+    token: str | None,
+    set_variables: bool = True,
+) -> str:
+    """Serve the previous champion again: registry aliases, model service, Prefect Variable."""
+    from cvops.storage import CentralStorage
+
+    storage = CentralStorage(storage_root)
+    previous = champion_version(client, model_name, PREVIOUS)
+    if previous is None:
+        raise RuntimeError(f"{model_name}: nothing to roll back to (no '{PREVIOUS}' alias)")
+    metadata_file = CentralStorage.versioned_metadata_file(model_name, previous)
+    if not storage.metadata_path(metadata_file).is_file():
+        raise RuntimeError(f"{model_name} v{previous}: {metadata_file} is not in central storage")
+    steps = []
+    if url:
+        result = update_service_model(url, metadata_file, token)
+        steps.append(f"{url} serves v{result['model_version']}")
+    rollback_aliases(client, model_name)
+    steps.append(f"registry champion v{previous}")
+    if set_variables:
+        set_prefect_variables(
+            metadata_file, os.environ.get("CVOPS_MONITOR_POOL", "production-model-pool")
+        )
+        steps.append(f"Prefect Variable {VARIABLE_METADATA_FILE}={metadata_file}")
+    summary = f"Rolled back {model_name} to v{previous}: " + "; ".join(steps)
+    log.info(summary)
+    return summary

@@ -91,15 +91,37 @@ class CentralStorage:
         )
         return candidates[0].name if candidates else None
 
+    @staticmethod
+    def versioned_metadata_file(model_name: str, version: str) -> str:
+        return f"{model_name}-v{version}.yaml"
+
     def publish(self, files: dict[str, Path], metadata: ModelMetadata) -> Path:
-        """Copy packaged files in (atomic renames), then write the metadata file."""
+        """Copy packaged files in (atomic renames), then write the metadata file.
+
+        `models/<name>.yaml` (the reference's name) always describes the latest package. A
+        versioned model also gets an immutable copy under `models/versions/<name>/<version>/`
+        described by `models/<name>-v<version>.yaml`, so a rollback can serve it again.
+        """
         self.ensure_layout()
+        if metadata.version:
+            folder = f"{MODELS_DIR}/versions/{metadata.model_name}/{metadata.version}"
+            pinned = metadata.model_copy(
+                update={key: f"{folder}/{Path(source).name}" for key, source in files.items()}
+            )
+            for key, source in files.items():
+                _atomic_copy(source, self.resolve(getattr(pinned, key)))
+            name = self.versioned_metadata_file(metadata.model_name, metadata.version)
+            write_metadata(self.metadata_path(name), pinned)
         for key, source in files.items():
-            target = self.resolve(getattr(metadata, key))
-            _atomic_copy(source, target)
+            _atomic_copy(source, self.resolve(getattr(metadata, key)))
         meta_path = self.metadata_path(f"{metadata.model_name}.yaml")
         write_metadata(meta_path, metadata)
-        log.info("Published %s to central storage %s", metadata.model_name, self.root)
+        log.info(
+            "Published %s v%s to central storage %s",
+            metadata.model_name,
+            metadata.version,
+            self.root,
+        )
         return meta_path
 
 

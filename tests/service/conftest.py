@@ -95,7 +95,14 @@ def free_port() -> int:
 class ServiceProcess:
     """`cvops serve` in a subprocess (real gunicorn workers), stopped with its whole group."""
 
-    def __init__(self, storage_root: Path, tmp: Path, workers: int = 2, **env: str) -> None:
+    def __init__(
+        self,
+        storage_root: Path,
+        tmp: Path,
+        workers: int = 2,
+        model: str = "shapes_a.yaml",
+        **env: str,
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "serve.log"
@@ -116,7 +123,7 @@ class ServiceProcess:
             "--port",
             str(self.port),
             "--model",
-            "shapes_a.yaml",
+            model,
         ]
 
     def __enter__(self) -> ServiceProcess:

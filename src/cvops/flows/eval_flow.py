@@ -104,6 +104,14 @@ def eval_flow(config: dict[str, Any]) -> dict[str, Any]:
         f"{cfg.evaluate.subset}_auc_macro_ovr": result.auc_macro_ovr,
     }
     write_metadata(meta_path, meta)
+    if meta.version:  # keep the immutable copy's metrics in step (used by rollbacks)
+        pinned = storage.metadata_path(
+            CentralStorage.versioned_metadata_file(meta.model_name, meta.version)
+        )
+        if pinned.is_file():
+            write_metadata(
+                pinned, read_metadata(pinned).model_copy(update={"metrics": meta.metrics})
+            )
     link = tracking.run_link(run_id, settings)
     if link.startswith("http"):
         create_link_artifact(link, link_text="MLflow evaluation run", key="mlflow-eval-run")
