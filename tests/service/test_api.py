@@ -192,3 +192,28 @@ def test_feedback_is_stored_and_validated(client, settings) -> None:
     assert wrong.status_code == 422 and "giraffe" in wrong.json()["detail"]
     assert client.post("/feedback/not-a-uuid", json={"label": "square"}).status_code == 422
     assert wait_for_rows(settings.resolved_db_url, "feedback", 1) == 1
+
+
+def test_latest_drift_scores_exposed_as_gauges(settings, storage_root) -> None:
+    from fastapi.testclient import TestClient
+
+    from cvops.monitor.run import run_monitor
+    from cvops.service.app import create_app
+    from cvops.storage import CentralStorage
+
+    fast = settings.model_copy(update={"drift_refresh_s": 0.2})
+    with TestClient(create_app(fast)) as c:
+        for i in range(12):
+            assert c.post("/predict", files={"file": ("x.png", image_bytes(seed=i))}).is_success
+        assert wait_for_rows(fast.resolved_db_url, "predictions", 12) == 12
+        check = run_monitor(CentralStorage(storage_root), "shapes_a.yaml", fast.resolved_db_url)
+        assert check.window.size == 12
+        deadline = time.monotonic() + 10
+        body = ""
+        while time.monotonic() < deadline:
+            body = c.get("/metrics").text
+            if 'cvops_drift_score{embedding="uae",method="mmd",model="shapes_a"}' in body:
+                break
+            time.sleep(0.2)
+        assert 'cvops_drift_score{embedding="uae",method="mmd",model="shapes_a"}' in body
+        assert 'cvops_drift_detected{embedding="bbsd",method="ks",model="shapes_a"}' in body

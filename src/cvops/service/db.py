@@ -117,3 +117,20 @@ def upgrade_schema(engine: Engine) -> None:
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+def latest_drift_rows(engine: Engine, model_name: str) -> list[DriftReport]:
+    """Rows of the newest monitor run for a model (empty before the first run)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session:
+        newest = session.scalars(
+            select(DriftReport.run_id)
+            .where(DriftReport.model_name == model_name)
+            .order_by(DriftReport.created_on.desc())
+            .limit(1)
+        ).first()
+        if newest is None:
+            return []
+        return list(session.scalars(select(DriftReport).where(DriftReport.run_id == newest)))

@@ -58,6 +58,37 @@ class ServiceMetrics:
             multiprocess_mode="livesum",
         )
 
+        drift_labels = ["model", "embedding", "method"]
+        self.drift_score = Gauge(
+            "cvops_drift_score",
+            "Latest monitor score per test",
+            drift_labels,
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.drift_threshold = Gauge(
+            "cvops_drift_threshold",
+            "Calibrated threshold of the latest monitor run",
+            drift_labels,
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.drift_detected = Gauge(
+            "cvops_drift_detected",
+            "1 if the latest monitor run found drift",
+            drift_labels,
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+
+    def set_drift(self, rows: list) -> None:
+        for row in rows:
+            labels = (row.model_name, row.embedding, row.method)
+            self.drift_score.labels(*labels).set(row.score)
+            if row.threshold is not None:
+                self.drift_threshold.labels(*labels).set(row.threshold)
+            self.drift_detected.labels(*labels).set(1.0 if row.drifted else 0.0)
+
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()

@@ -35,6 +35,7 @@ class ServiceSettings(BaseSettings):
     batch_max_size: int = Field(default=16, ge=1)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
     reload_poll_s: float = Field(default=0.25, gt=0)
+    drift_refresh_s: float = Field(default=30.0, gt=0, description="drift gauges refresh period")
     store_images: bool = Field(default=True, description="Keep base64 images in predictions")
 
     @property

@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from cvops.service.batching import MicroBatcher
+from cvops.service.db import latest_drift_rows
 from cvops.service.metrics import ServiceMetrics
 from cvops.service.model_store import LoadedModel, ModelLoadError, load_model
 from cvops.service.recording import Recorder
@@ -132,6 +134,8 @@ class ServiceState:
             self.sync.ack(generation, ok=True)
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_drift_refresh = 0.0
         while True:
             await asyncio.sleep(self.settings.reload_poll_s)
             try:
@@ -139,8 +143,18 @@ class ServiceState:
                 if pointer and pointer.generation > self.generation:
                     await self._follow(pointer.generation, pointer.metadata_file)
                 self.metrics.spool_pending.set(self.recorder.pending())
+                if self.model is not None and loop.time() >= next_drift_refresh:
+                    next_drift_refresh = loop.time() + self.settings.drift_refresh_s
+                    await loop.run_in_executor(None, self._refresh_drift, self.model.name)
             except Exception:  # the watcher must outlive any single failure
                 log.exception("model watcher error")
+
+    def _refresh_drift(self, model_name: str) -> None:
+        """Latest monitor results as gauges (the DB may be down: then keep the old values)."""
+        try:
+            self.metrics.set_drift(latest_drift_rows(self.recorder.engine, model_name))
+        except SQLAlchemyError as err:
+            log.debug("drift gauges not refreshed: %s", err)
 
     async def update_model(self, metadata_file: str, wait_s: float = 30.0) -> dict[str, object]:
         """Load here first (a bad model changes nothing), then make every worker follow."""
