@@ -186,6 +186,20 @@ class DeployConfig(StrictModel):
     prefect: DeployPrefectConfig = DeployPrefectConfig()
 
 
+class MonitorConfig(StrictModel):
+    """The drift-monitor flow (`drift_detection_evidently`): window, level, where results go."""
+
+    last_days: float = Field(default=7, gt=0)
+    last_n: PositiveInt = 500
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="false-alarm rate of one run")
+    evidently_project: str = "cvops-drift-monitoring"
+    workspace: Path = Path(".cvops/evidently")
+    cron: str = "0 6 * * 1"
+    pool_name: str = "production-model-pool"
+    webhook_url: str | None = Field(default=None, description="POSTed a JSON summary on drift")
+    retrain_on_drift: bool = False
+
+
 class FlowConfig(StrictModel):
     flow_module: str
     seed: int = 42
@@ -194,6 +208,7 @@ class FlowConfig(StrictModel):
     train: TrainConfig | None = None
     evaluate: EvaluateConfig | None = None
     deploy: DeployConfig | None = None
+    monitor: MonitorConfig | None = None
     source: str = Field(default="<dict>", exclude=True)
 
     def require(self, *sections: str) -> None:

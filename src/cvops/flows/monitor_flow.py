@@ -1,0 +1,128 @@
+"""Monitor flow `drift_detection_evidently`: recent predictions vs reference data.
+
+Scheduled by the deploy flow with the reference's parameters (`last_days`, `last_n`, Evidently
+project); `start(config)` / `cvops monitor` run it once on embedded defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+from prefect import flow
+from tenacity import retry, stop_after_attempt, wait_exponential
+
+from cvops.config import MonitorConfig
+from cvops.flows.common import as_config, step
+from cvops.monitor.check import DriftCheck, describe
+from cvops.monitor.run import run_monitor
+from cvops.service.settings import ServiceSettings
+from cvops.settings import get_settings
+from cvops.storage import CentralStorage
+
+log = logging.getLogger(__name__)
+
+
+@retry(wait=wait_exponential(multiplier=0.5, max=5), stop=stop_after_attempt(3), reraise=True)
+def post_webhook(url: str, payload: dict[str, Any]) -> None:
+    httpx.post(url, json=payload, timeout=10).raise_for_status()
+
+
+def alert_payload(check: DriftCheck) -> dict[str, Any]:
+    return {
+        "event": "drift_detected",
+        "model_name": check.model_name,
+        "model_version": check.model_version,
+        "run_id": check.run_id,
+        "sample_size": check.window.size,
+        "drifted_tests": [
+            f"{e}/{r.method}" for e, rs in check.results.items() for r in rs if r.drifted
+        ],
+    }
+
+
+@step("check-drift")
+def check_step(metadata_file: str, last_days: float, last_n: int, alpha: float) -> DriftCheck:
+    settings = get_settings()
+    return run_monitor(
+        CentralStorage(settings.central_storage_path),
+        metadata_file,
+        ServiceSettings().resolved_db_url,
+        last_days=last_days,
+        last_n=last_n,
+        alpha=alpha,
+    )
+
+
+@step("alert")
+def alert_step(check: DriftCheck, monitor: MonitorConfig) -> list[str]:
+    actions = []
+    if monitor.webhook_url:
+        try:
+            post_webhook(monitor.webhook_url, alert_payload(check))
+            actions.append(f"webhook {monitor.webhook_url}")
+        except httpx.HTTPError as err:
+            log.error("Drift webhook %s failed: %s", monitor.webhook_url, err)
+    if monitor.retrain_on_drift:
+        actions.append("retraining is not wired yet (monitor.retrain_on_drift)")
+        log.warning("monitor.retrain_on_drift is set but retraining from the monitor is not built")
+    return actions
+
+
+@flow(name="drift_detection_evidently", log_prints=True)
+def drift_detection_evidently(
+    last_days: float = 7,
+    last_n: int = 500,
+    evidently_project: str = "cvops-drift-monitoring",
+    metadata_file: str | None = None,
+    alpha: float = 0.05,
+    webhook_url: str | None = None,
+) -> dict[str, Any]:
+    """One monitor run; the model is the Prefect Variable `current_model_metadata_file`
+    unless `metadata_file` is given."""
+    if metadata_file is None:
+        from prefect.variables import Variable
+
+        from cvops.deploy import VARIABLE_METADATA_FILE
+
+        metadata_file = Variable.get(VARIABLE_METADATA_FILE, default=None)
+        if not metadata_file:
+            raise RuntimeError(
+                f"no model to monitor: Prefect Variable {VARIABLE_METADATA_FILE} is not set "
+                "(run the deploy flow first, or pass metadata_file)"
+            )
+    monitor = MonitorConfig(
+        last_days=last_days,
+        last_n=last_n,
+        alpha=alpha,
+        evidently_project=evidently_project,
+        webhook_url=webhook_url,
+    )
+    check = check_step(metadata_file, last_days, last_n, alpha)
+    log.info("%s", describe(check))
+    actions = alert_step(check, monitor) if check.drifted else []
+    return {
+        "run_id": check.run_id,
+        "model_name": check.model_name,
+        "sample_size": check.window.size,
+        "drifted": check.drifted,
+        "live_accuracy": check.live_accuracy,
+        "actions": actions,
+    }
+
+
+def start(config: dict[str, Any]) -> dict[str, Any]:
+    """Reference entry point: one monitor run for the model named by the config."""
+    from cvops.flows.eval_flow import metadata_file_name
+
+    cfg = as_config(config, "model")
+    monitor = cfg.monitor or MonitorConfig()
+    return drift_detection_evidently(
+        last_days=monitor.last_days,
+        last_n=monitor.last_n,
+        evidently_project=monitor.evidently_project,
+        metadata_file=metadata_file_name(cfg),
+        alpha=monitor.alpha,
+        webhook_url=monitor.webhook_url,
+    )
