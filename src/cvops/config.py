@@ -194,6 +194,10 @@ class MonitorConfig(StrictModel):
     alpha: float = Field(default=0.05, gt=0, lt=1, description="false-alarm rate of one run")
     evidently_project: str = "cvops-drift-monitoring"
     workspace: Path = Path(".cvops/evidently")
+    evidently_mmd: bool = Field(
+        default=False,
+        description="also Evidently's own (uncalibrated) MMD with its t-SNE plot; slow",
+    )
     cron: str = "0 6 * * 1"
     pool_name: str = "production-model-pool"
     webhook_url: str | None = Field(default=None, description="POSTed a JSON summary on drift")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ def webhook():
     server.shutdown()
 
 
-def config(metadata_file: str, hook: str) -> dict:
+def config(metadata_file: str, hook: str, workspace: str) -> dict:
     return {
         "flow_module": "cvops.flows.monitor_flow",
         "model": {
@@ -41,7 +42,7 @@ def config(metadata_file: str, hook: str) -> dict:
             "input_size": {"w": 50, "h": 50},
             "classes": ["a", "b", "c"],
         },
-        "monitor": {"last_n": 200, "webhook_url": hook},
+        "monitor": {"last_n": 200, "webhook_url": hook, "workspace": workspace},
     }
 
 
@@ -52,10 +53,19 @@ def test_flow_no_drift_then_drift_with_webhook(setup, webhook, monkeypatch) -> N
     monkeypatch.setenv("CENTRAL_STORAGE_PATH", str(storage.root))
     monkeypatch.setenv("CVOPS_SERVICE_DB_URL", url)
     insert(engine, 200)
-    calm = monitor_flow.start(config(metadata_file, hook))
+    workspace = str(storage.root.parent / "evidently")
+    calm = monitor_flow.start(config(metadata_file, hook, workspace))
     assert calm["drifted"] is False and calm["sample_size"] == 200 and received == []
     insert(engine, 200, shift=0.6)
-    alarm = monitor_flow.start(config(metadata_file, hook))
+    alarm = monitor_flow.start(config(metadata_file, hook, workspace))
     assert alarm["drifted"] is True
     assert len(received) == 1 and received[0]["event"] == "drift_detected"
     assert received[0]["run_id"] == alarm["run_id"] and received[0]["drifted_tests"]
+
+    from evidently.ui.workspace import Workspace
+
+    ws = Workspace(workspace)
+    projects = ws.search_project("cvops-drift-monitoring")
+    assert len(projects) == 1
+    assert len(ws.list_runs(projects[0].id)) == 2
+    assert Path(alarm["report"]).is_file() and "mon" in Path(alarm["report"]).read_text()

@@ -55,6 +55,29 @@ def check_step(metadata_file: str, last_days: float, last_n: int, alpha: float) 
     )
 
 
+@step("evidently-report")
+def report_step(check: DriftCheck, metadata_file: str, monitor: MonitorConfig) -> str | None:
+    """Evidently report (our calibrated results + Evidently's views) into the workspace."""
+    if not check.results:
+        return None
+    from cvops.monitor.check import load_reference
+    from cvops.monitor.evidently_report import build_snapshot, save_to_workspace, write_html
+    from cvops.storage import read_metadata
+
+    storage = CentralStorage(get_settings().central_storage_path)
+    meta = read_metadata(storage.metadata_path(metadata_file))
+    snapshot = build_snapshot(
+        check,
+        load_reference(storage, meta),
+        classes=meta.classes,
+        evidently_mmd=monitor.evidently_mmd,
+    )
+    snapshot_id = save_to_workspace(snapshot, monitor.workspace, monitor.evidently_project)
+    html = write_html(snapshot, monitor.workspace / "reports" / f"{check.run_id}.html")
+    log.info("Evidently report %s in workspace %s (%s)", snapshot_id, monitor.workspace, html)
+    return str(html)
+
+
 @step("alert")
 def alert_step(check: DriftCheck, monitor: MonitorConfig) -> list[str]:
     actions = []
@@ -78,6 +101,8 @@ def drift_detection_evidently(
     metadata_file: str | None = None,
     alpha: float = 0.05,
     webhook_url: str | None = None,
+    workspace: str = ".cvops/evidently",
+    evidently_mmd: bool = False,
 ) -> dict[str, Any]:
     """One monitor run; the model is the Prefect Variable `current_model_metadata_file`
     unless `metadata_file` is given."""
@@ -98,9 +123,12 @@ def drift_detection_evidently(
         alpha=alpha,
         evidently_project=evidently_project,
         webhook_url=webhook_url,
+        workspace=workspace,
+        evidently_mmd=evidently_mmd,
     )
     check = check_step(metadata_file, last_days, last_n, alpha)
     log.info("%s", describe(check))
+    report = report_step(check, metadata_file, monitor)
     actions = alert_step(check, monitor) if check.drifted else []
     return {
         "run_id": check.run_id,
@@ -109,6 +137,7 @@ def drift_detection_evidently(
         "drifted": check.drifted,
         "live_accuracy": check.live_accuracy,
         "actions": actions,
+        "report": report,
     }
 
 
@@ -125,4 +154,6 @@ def start(config: dict[str, Any]) -> dict[str, Any]:
         metadata_file=metadata_file_name(cfg),
         alpha=monitor.alpha,
         webhook_url=monitor.webhook_url,
+        workspace=str(monitor.workspace),
+        evidently_mmd=monitor.evidently_mmd,
     )
