@@ -113,41 +113,41 @@ def serve(
 @app.command()
 def monitor(
     config: Annotated[Path, typer.Option("--config", "-c", help="Flow config naming the model")],
-    last_days: Annotated[float, typer.Option(help="Window: predictions of the last N days")] = 7,
-    last_n: Annotated[int, typer.Option(help="Window: at most the newest N predictions")] = 500,
-    alpha: Annotated[float, typer.Option(help="False-alarm rate of the whole check")] = 0.05,
-    db_url: Annotated[
-        str | None, typer.Option(help="Prediction DB (default: the service's setting)")
+    last_days: Annotated[
+        float | None, typer.Option(help="Window: predictions of the last N days")
     ] = None,
+    last_n: Annotated[int | None, typer.Option(help="Window: at most the newest N")] = None,
+    alpha: Annotated[float | None, typer.Option(help="False-alarm rate of the run")] = None,
 ) -> None:
-    """Check recent predictions for drift against the model's reference data, once.
+    """Run the drift monitor once (the scheduled flow's checks, no server needed).
 
-    Runs the calibrated UAE and BBSD tests, writes one row per test to `drift_reports`, prints
-    the table and exits 0 (drift is a finding, not an error; look for DRIFT DETECTED)."""
-    from cvops.config import ConfigError, load_config
-    from cvops.flows.eval_flow import metadata_file_name
-    from cvops.monitor.check import describe
-    from cvops.monitor.run import run_monitor
-    from cvops.service.settings import ServiceSettings
-    from cvops.settings import get_settings
-    from cvops.storage import CentralStorage
+    Calibrated UAE and BBSD tests on recent predictions vs the reference data; one row per test
+    in `drift_reports`, an Evidently report in the workspace, the webhook on drift. Exits 0:
+    drift is a finding, not an error (look for DRIFT DETECTED)."""
+    from cvops.config import ConfigError, MonitorConfig, load_config
 
     bootstrap_env()
     configure_logging()
     try:
         cfg = load_config(config, check_flow_module=False)
+        cfg.require("model")
     except ConfigError as err:
         fail(str(err))
-    cfg.require("model")
-    check = run_monitor(
-        CentralStorage(get_settings().central_storage_path),
-        metadata_file_name(cfg),
-        db_url or ServiceSettings().resolved_db_url,
-        last_days=last_days,
-        last_n=last_n,
-        alpha=alpha,
+    overrides = {
+        k: v
+        for k, v in {"last_days": last_days, "last_n": last_n, "alpha": alpha}.items()
+        if v is not None
+    }
+    data = cfg.to_dict()
+    data["monitor"] = {**(cfg.monitor or MonitorConfig()).model_dump(mode="json"), **overrides}
+    from cvops.flows import monitor_flow
+
+    result = monitor_flow.start(data)
+    verdict = "DRIFT DETECTED" if result["drifted"] else "no drift"
+    typer.echo(
+        f"{result['model_name']}: {verdict} over {result['sample_size']} predictions "
+        f"(run {result['run_id']}); report: {result['report']}"
     )
-    typer.echo(describe(check))
 
 
 @app.command()
