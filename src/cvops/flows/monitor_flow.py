@@ -36,9 +36,7 @@ def alert_payload(check: DriftCheck) -> dict[str, Any]:
         "model_version": check.model_version,
         "run_id": check.run_id,
         "sample_size": check.window.size,
-        "drifted_tests": [
-            f"{e}/{r.method}" for e, rs in check.results.items() for r in rs if r.drifted
-        ],
+        "drifted_tests": check.drifting_tests,
     }
 
 

@@ -39,7 +39,7 @@ def run_monitor(
     finally:
         engine.dispose()
     if check.drifted:
-        drifted = [f"{e}/{r.method}" for e, rs in check.results.items() for r in rs if r.drifted]
+        drifted = check.drifting_tests
         log.warning(
             "DRIFT DETECTED for %s v%s over %d predictions: %s",
             meta.model_name,

@@ -43,12 +43,17 @@ log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("mmd", "ks", "distance", "classifier")
 
-# Enabled per embedding by default; chosen from benchmarks/results/drift_power.md (all four keep
-# false alarms <= 5%; together they reach the power target on every medium+ shift there).
-DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
-    "uae": ("mmd", "ks", "distance", "classifier"),
-    "bbsd": ("mmd", "ks"),
-}
+# The tests whose verdict raises the drift alarm by default (the others are still worth running
+# and reporting). From benchmarks/results/drift_power.md: UAE-MMD + BBSD-KS, the pair "Failing
+# Loudly" recommends, reaches the same power on every medium-or-stronger shift at n=500 as all
+# six embedding/method pairs together (min 0.98; BBSD-KS alone catches blur, noise and unseen
+# classes), while "any enabled test alarms" on un-shifted windows drops from ~19% to ~9% at
+# n <= 100 (each test alone stays at ~5%).
+DEFAULT_METHODS: dict[str, tuple[str, ...]] = {"uae": ("mmd",), "bbsd": ("ks",)}
+
+# The tests the issue asks the monitor to compute and report (as in the reference): all four on
+# UAE, MMD and KS on BBSD. Report these; alarm on DEFAULT_METHODS.
+REPORTED_METHODS: dict[str, tuple[str, ...]] = {"uae": METHODS, "bbsd": ("mmd", "ks")}
 
 MIN_SAMPLES = 2
 
