@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 from cvops.monitor.stats import (
     DEFAULT_METHODS,
     METHODS,
+    REPORTED_METHODS,
     DriftResult,
     DriftTester,
     run_drift_tests,
@@ -136,5 +137,5 @@ def test_invalid_inputs_are_rejected(reference: np.ndarray) -> None:
 
 def test_default_methods_are_known() -> None:
     assert set(DEFAULT_METHODS) == {"uae", "bbsd"}
-    for methods in DEFAULT_METHODS.values():
-        assert methods and set(methods) <= set(METHODS)
+    for embedding, methods in DEFAULT_METHODS.items():
+        assert methods and set(methods) <= set(REPORTED_METHODS[embedding]) <= set(METHODS)
