@@ -69,8 +69,9 @@ class DriftCheck:
 
     def rows(self) -> list[dict[str, object]]:
         now = dt.datetime.now(dt.UTC)
-        rows = [
-            {
+
+        def row(embedding: str, method: str, **values: object) -> dict[str, object]:
+            return {
                 "id": str(uuid.uuid4()),
                 "run_id": self.run_id,
                 "created_on": now,
@@ -78,39 +79,38 @@ class DriftCheck:
                 "model_version": self.model_version,
                 "window_start": self.window.start,
                 "window_end": self.window.end,
-                "sample_size": r.sample_size,
-                "reference_size": r.reference_size,
+                "reference_size": self.reference_size,
                 "embedding": embedding,
-                "method": r.method,
-                "score": float(r.score),
-                "threshold": float(r.threshold),
-                "p_value": None if r.p_value is None or np.isnan(r.p_value) else float(r.p_value),
-                "drifted": bool(r.drifted),
+                "method": method,
+                **values,
             }
+
+        rows = [
+            row(
+                embedding,
+                r.method,
+                sample_size=r.sample_size,
+                reference_size=r.reference_size,
+                score=float(r.score),
+                threshold=float(r.threshold),
+                p_value=None if r.p_value is None or np.isnan(r.p_value) else float(r.p_value),
+                drifted=bool(r.drifted),
+            )
             for embedding, results in self.results.items()
             for r in results
         ]
         if self.live_accuracy is not None:
             # Informational, not part of the drift verdict: threshold = the test accuracy.
             rows.append(
-                {
-                    **(rows[0] if rows else {}),
-                    "id": str(uuid.uuid4()),
-                    "run_id": self.run_id,
-                    "created_on": now,
-                    "model_name": self.model_name,
-                    "model_version": self.model_version,
-                    "window_start": self.window.start,
-                    "window_end": self.window.end,
-                    "sample_size": self.labelled,
-                    "reference_size": self.reference_size,
-                    "embedding": "labels",
-                    "method": "live_accuracy",
-                    "score": self.live_accuracy,
-                    "threshold": self.test_accuracy,
-                    "p_value": None,
-                    "drifted": False,
-                }
+                row(
+                    "labels",
+                    "live_accuracy",
+                    sample_size=self.labelled,
+                    score=self.live_accuracy,
+                    threshold=self.test_accuracy,
+                    p_value=None,
+                    drifted=False,
+                )
             )
         return rows
 
