@@ -107,7 +107,8 @@ class ServiceState:
 
     def _swap(self, model: LoadedModel, generation: int) -> None:
         if self.model is not None:
-            self.metrics.model_info.remove(self.model.name, self.model.version)
+            # set, not remove: in multiprocess mode a removed child keeps its last value
+            self.metrics.model_info.labels(self.model.name, self.model.version).set(0)
         self.model = model
         self.generation = generation
         self.metrics.model_info.labels(model.name, model.version).set(1)
