@@ -137,3 +137,59 @@ def rollback(
     summary = f"Rolled back {model_name} to v{previous}: " + "; ".join(steps)
     log.info(summary)
     return summary
+
+
+MONITOR_FLOW_NAME = "drift_detection_evidently"
+MONITOR_ENTRYPOINT = "cvops/flows/monitor_flow.py:drift_detection_evidently"
+
+
+def prefect_server_configured() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+def schedule_monitor(
+    deployment_name: str,
+    pool_name: str,
+    cron: str,
+    parameters: dict[str, object],
+    env: dict[str, str],
+    working_dir: str,
+) -> str:
+    """Create or update the monitor deployment on a process work pool (no prompts).
+
+    The flow's code is the installed `cvops` package itself (`from_source` on its folder), so a
+    process worker started from the same environment runs exactly this version.
+    """
+    from pathlib import Path
+
+    from prefect import Flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    import cvops
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool_name, type="process"))
+            log.info("Created process work pool %s", pool_name)
+        except ObjectAlreadyExists:
+            pass
+    source = str(Path(cvops.__file__).resolve().parent.parent)
+    remote = Flow.from_source(source=source, entrypoint=MONITOR_ENTRYPOINT)
+    deployment_id = remote.deploy(
+        name=deployment_name,
+        work_pool_name=pool_name,
+        build=False,
+        push=False,
+        cron=cron,
+        parameters=parameters,
+        job_variables={"env": env, "working_dir": working_dir},
+        print_next_steps=False,
+    )
+    log.info(
+        "Deployment %s/%s on pool %s, cron %r", MONITOR_FLOW_NAME, deployment_name, pool_name, cron
+    )
+    return str(deployment_id)

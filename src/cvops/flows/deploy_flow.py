@@ -1,10 +1,11 @@
 """Deploy flow: promotion gate -> registry alias `champion` -> model service reload ->
-Prefect Variables. (Scheduling the drift-monitor deployment joins with the monitor flow.)"""
+Prefect Variables -> the drift-monitor deployment on a process work pool."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -13,16 +14,15 @@ from mlflow.tracking import MlflowClient
 from prefect import flow
 
 from cvops import deploy, tracking
-from cvops.config import FlowConfig
+from cvops.config import FlowConfig, MonitorConfig
 from cvops.flows.common import as_config, step
 from cvops.flows.eval_flow import metadata_file_name
 from cvops.model.evaluate import evaluate_on_split
+from cvops.service.settings import ServiceSettings
 from cvops.settings import Settings, get_settings
 from cvops.storage import CentralStorage, ModelMetadata, read_metadata
 
 log = logging.getLogger(__name__)
-
-MONITOR_POOL_DEFAULT = "production-model-pool"
 
 
 @step("promotion-gate")
@@ -71,6 +71,43 @@ def update_service(cfg: FlowConfig, metadata_file: str) -> str:
     return f"{url} serves {served} in {result['workers']} workers"
 
 
+@step("schedule-monitoring")
+def schedule_monitoring(cfg: FlowConfig, settings: Settings, monitor: MonitorConfig) -> str:
+    """The monitor deployment on the Prefect server; embedded mode has none to keep it."""
+    assert cfg.deploy is not None
+    if not deploy.prefect_server_configured():
+        message = (
+            "monitoring not scheduled: no Prefect server (set PREFECT_API_URL); "
+            "run `cvops monitor --config ...` on a schedule instead"
+        )
+        log.warning("Deploy: %s", message)
+        return message
+    service = ServiceSettings()
+    env = {
+        "CENTRAL_STORAGE_PATH": str(Path(settings.central_storage_path).resolve()),
+        "CVOPS_STATE_DIR": str(Path(settings.state_dir).resolve()),
+        "CVOPS_SERVICE_DB_URL": service.resolved_db_url,
+    }
+    if settings.mlflow_tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    parameters = {
+        "last_days": monitor.last_days,
+        "last_n": monitor.last_n,
+        "evidently_project": monitor.evidently_project,
+        "alpha": monitor.alpha,
+        "webhook_url": monitor.webhook_url,
+        "workspace": str(monitor.workspace.resolve()),
+        "evidently_mmd": monitor.evidently_mmd,
+    }
+    name = cfg.deploy.prefect.deployment_name
+    deploy.schedule_monitor(name, monitor.pool_name, monitor.cron, parameters, env, str(Path.cwd()))
+    return (
+        f"monitoring scheduled: {deploy.MONITOR_FLOW_NAME}/{name} on pool {monitor.pool_name}, "
+        f"cron {monitor.cron!r} (start a worker: prefect worker start --pool "
+        f"{monitor.pool_name} --type process)"
+    )
+
+
 @flow(name="deploy_flow", log_prints=True)
 def deploy_flow(config: dict[str, Any]) -> dict[str, Any]:
     cfg = as_config(config, "deploy")
@@ -85,11 +122,12 @@ def deploy_flow(config: dict[str, Any]) -> dict[str, Any]:
     if meta.version is not None:
         deploy.promote(MlflowClient(), meta.model_name, meta.version)
     service = update_service(cfg, metadata_file)
-    deploy.set_prefect_variables(metadata_file, MONITOR_POOL_DEFAULT)
+    monitor = cfg.monitor or MonitorConfig()
+    deploy.set_prefect_variables(metadata_file, monitor.pool_name)
+    scheduled = schedule_monitoring(cfg, settings, monitor)
     summary = (
         f"{meta.model_name} v{meta.version} is champion; {service}; Prefect Variables "
-        f"{deploy.VARIABLE_METADATA_FILE}, {deploy.VARIABLE_POOL} set; drift-monitor "
-        "scheduling is not built yet"
+        f"{deploy.VARIABLE_METADATA_FILE}, {deploy.VARIABLE_POOL} set; {scheduled}"
     )
     log.info("Deploy: %s", summary)
     return {"deploy": summary, "promotion": gate}
