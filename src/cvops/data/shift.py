@@ -247,6 +247,29 @@ def _stem_jpg(src: _Source) -> str:
     return src.path.stem + ".jpg"
 
 
+def _add_source(
+    writer: _Writer,
+    scenario: str,
+    severity: str,
+    src: _Source,
+    rel: str,
+    image: np.ndarray | None = None,
+    detail: str = "",
+) -> None:
+    """A test image in a scenario: re-encoded as JPEG when shifted, else copied byte for byte."""
+    writer.add(
+        scenario,
+        severity,
+        src.class_name,
+        _stem_jpg(src) if image is not None else src.path.name,
+        source=src.path,
+        image=image,
+        source_rel=rel,
+        shifted=image is not None,
+        detail=detail,
+    )
+
+
 def _pixel_scenario(
     writer: _Writer,
     scenario: str,
@@ -269,17 +292,7 @@ def _pixel_scenario(
             detail = f"sigma_px={sx:.3f}x{sy:.3f}"
         else:  # gaussian_noise
             out = add_noise(image, value, _rng(seed, scenario, sev, i))
-        writer.add(
-            scenario,
-            severity,
-            src.class_name,
-            _stem_jpg(src),
-            source=src.path,
-            image=out,
-            source_rel=rel,
-            shifted=True,
-            detail=detail,
-        )
+        _add_source(writer, scenario, severity, src, rel, out, detail)
 
 
 def _background_scenario(
@@ -300,28 +313,9 @@ def _background_scenario(
         if i in chosen:
             style = demo.SHIFT_BACKGROUNDS[int(styles[i])]
             image, _ = demo.render(specs[src.key], background=style)
-            writer.add(
-                "background",
-                severity,
-                src.class_name,
-                _stem_jpg(src),
-                source=src.path,
-                image=image,
-                source_rel=rel,
-                shifted=True,
-                detail=f"background={style}",
-            )
+            _add_source(writer, "background", severity, src, rel, image, f"background={style}")
         else:
-            writer.add(
-                "background",
-                severity,
-                src.class_name,
-                src.path.name,
-                source=src.path,
-                image=None,
-                source_rel=rel,
-                shifted=False,
-            )
+            _add_source(writer, "background", severity, src, rel)
 
 
 def _prior_counts(n: int, classes: list[str], dominant: list[str], skew: float) -> list[int]:
@@ -382,16 +376,7 @@ def _unseen_scenario(
     order = _rng(seed, "unseen_class").permutation(n)
     for i in sorted(int(j) for j in order[: n - n_unseen]):
         src = sources[i]
-        writer.add(
-            "unseen_class",
-            severity,
-            src.class_name,
-            src.path.name,
-            source=src.path,
-            image=None,
-            source_rel=rels[i],
-            shifted=False,
-        )
+        _add_source(writer, "unseen_class", severity, src, rels[i])
     for k in range(n_unseen):
         shape = demo.UNSEEN_CLASSES[k % len(demo.UNSEEN_CLASSES)]
         spec = demo.sample_spec(_rng(seed, "unseen_class", 1, k), shape, **sizes)
@@ -449,16 +434,7 @@ def generate_shift_scenarios(
     writer = _Writer(out_dir)
     shutil.rmtree(out_dir / BASELINE / BASELINE, ignore_errors=True)
     for src, rel in zip(sources, rels, strict=True):
-        writer.add(
-            BASELINE,
-            BASELINE,
-            src.class_name,
-            src.path.name,
-            source=src.path,
-            image=None,
-            source_rel=rel,
-            shifted=False,
-        )
+        _add_source(writer, BASELINE, BASELINE, src, rel)
 
     for scenario in scenarios:
         if scenario == "background" and not specs:
