@@ -30,7 +30,6 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "CVOPS_MLFLOW_TRACKING_URI"),
         description="MLflow server or store; None means a SQLite store under state_dir.",
     )
-    seed: int = 42
 
     @property
     def mlflow_dir(self) -> Path:
