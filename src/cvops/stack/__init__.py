@@ -1,0 +1,1 @@
+"""The local full stack: every server of the reference's docker-compose, without Docker."""
