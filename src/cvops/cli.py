@@ -312,5 +312,13 @@ def data_version(
     typer.echo(json.dumps(current_version(dataset).as_dict(), indent=2))
 
 
+def _register_stack_commands() -> None:
+    from cvops.stack.cli import register
+
+    register(app)
+
+
+_register_stack_commands()
+
 if __name__ == "__main__":
     app()
