@@ -19,8 +19,40 @@ DEFAULT_ENV = {
 }
 
 
+log = logging.getLogger(__name__)
+
+
+def use_running_stack() -> dict[str, str]:
+    """Point cvops at the stack `cvops up` runs for this state folder, if it runs.
+
+    Only variables not already set are taken, so an explicit environment always wins;
+    `CVOPS_USE_STACK=0` turns this off. Returns what was applied.
+    """
+    if os.environ.get("CVOPS_USE_STACK", "1") == "0":
+        return {}
+    stack_dir = Path(os.environ.get("CVOPS_STATE_DIR", ".cvops")).resolve() / "stack"
+    try:
+        pid = int((stack_dir / "supervisord.pid").read_text().strip())
+        os.kill(pid, 0)
+        lines = (stack_dir / "client.env").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError):
+        return {}
+    values = dict(line.split("=", 1) for line in lines if "=" in line)
+    applied = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(applied)
+    if applied:
+        log.info(
+            "Using the local stack (cvops up): MLflow %s, Prefect %s, service %s",
+            values.get("MLFLOW_TRACKING_URI"),
+            values.get("PREFECT_API_URL"),
+            values.get("CVOPS_SERVICE_URL"),
+        )
+    return applied
+
+
 def bootstrap_env() -> None:
     """Quiet, project-local defaults; anything the user already set wins."""
+    use_running_stack()
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     if not os.environ.get("PREFECT_API_URL"):

@@ -100,7 +100,7 @@ class ServiceProcess:
         storage_root: Path,
         tmp: Path,
         workers: int = 2,
-        model: str = "shapes_a.yaml",
+        model: str | None = "shapes_a.yaml",
         **env: str,
     ) -> None:
         self.port = free_port()
@@ -122,9 +122,10 @@ class ServiceProcess:
             str(workers),
             "--port",
             str(self.port),
-            "--model",
-            model,
+            *(["--model", model] if model else []),
         ]
+        # Without a model the service is alive but not ready: wait for liveness only.
+        self.wait_path = "/ready" if model else "/health_check"
 
     def __enter__(self) -> ServiceProcess:
         self._log = open(self.log_path, "w")  # noqa: SIM115
@@ -139,7 +140,7 @@ class ServiceProcess:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.base}/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.base}{self.wait_path}", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

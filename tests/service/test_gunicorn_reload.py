@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import ServiceProcess, image_bytes
+from tests.service.conftest import ServiceProcess, image_bytes, package
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +85,31 @@ def test_failed_load_keeps_old_model_in_all_workers(server, storage_root: Path) 
         for _ in range(10)
     }
     assert versions == {"1"}
+
+
+def test_first_model_reaches_every_worker_of_a_service_started_empty(tmp_path: Path) -> None:
+    """The stack starts its service before any model exists: the first PUT must still wait
+    for every worker, not only the one that took the request."""
+    storage = tmp_path / "storage"
+    (storage / "models").mkdir(parents=True)
+    with ServiceProcess(storage, tmp_path, workers=2, model=None) as service:
+        workers_dir = tmp_path / "state" / "service" / "workers"
+        deadline = time.monotonic() + 120
+        while len(list(workers_dir.glob("[0-9]*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert httpx.get(f"{service.base}/ready", timeout=5).status_code == 503
+        package(storage, "shapes_a", "1", seed=1)
+        r = httpx.put(
+            f"{service.base}/update_model/shapes_a.yaml",
+            headers={"Authorization": "Bearer s3cret"},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["workers"] == 2 and r.json()["workers_pending"] == []
+        answers = [
+            httpx.post(
+                f"{service.base}/predict", files={"file": ("x.png", image_bytes())}, timeout=30
+            )
+            for _ in range(12)
+        ]
+        assert {(a.status_code, a.json().get("model_version")) for a in answers} == {(200, "1")}

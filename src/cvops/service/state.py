@@ -82,6 +82,8 @@ class ServiceState:
             first = self.settings.metadata_file or self.storage.newest_metadata_file()
             if first is None:
                 log.warning("No model in %s/models yet: not ready", self.storage.root)
+                # Still count as a live worker, so the first PUT waits for this one too.
+                self.sync.ack(0, ok=True, detail="no model yet")
             else:
                 pointer = self.sync.publish(first)
         if pointer is not None:
