@@ -8,6 +8,7 @@ does not silently fall back to a default.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +187,13 @@ class DeployConfig(StrictModel):
     prefect: DeployPrefectConfig = DeployPrefectConfig()
 
 
+def default_evidently_workspace() -> Path:
+    explicit = os.environ.get("CVOPS_EVIDENTLY_WORKSPACE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("CVOPS_STATE_DIR", ".cvops")) / "evidently"
+
+
 class MonitorConfig(StrictModel):
     """The drift-monitor flow (`drift_detection_evidently`): window, level, where results go."""
 
@@ -193,7 +201,11 @@ class MonitorConfig(StrictModel):
     last_n: PositiveInt = 500
     alpha: float = Field(default=0.05, gt=0, lt=1, description="false-alarm rate of one run")
     evidently_project: str = "cvops-drift-monitoring"
-    workspace: Path = Path(".cvops/evidently")
+    workspace: Path = Field(
+        default_factory=lambda: default_evidently_workspace(),
+        description="Evidently workspace folder; default CVOPS_EVIDENTLY_WORKSPACE, else "
+        "<CVOPS_STATE_DIR>/evidently (the folder the stack's Evidently UI serves)",
+    )
     evidently_mmd: bool = Field(
         default=False,
         description="also Evidently's own (uncalibrated) MMD with its t-SNE plot; slow",
