@@ -30,7 +30,9 @@ def use_running_stack() -> dict[str, str]:
     """
     if os.environ.get("CVOPS_USE_STACK", "1") == "0":
         return {}
-    stack_dir = Path(os.environ.get("CVOPS_STATE_DIR", ".cvops")).resolve() / "stack"
+    from cvops.settings import Settings  # reads `.env` too, as `cvops up` did
+
+    stack_dir = Settings().state_dir.resolve() / "stack"
     try:
         pid = int((stack_dir / "supervisord.pid").read_text().strip())
         os.kill(pid, 0)
