@@ -11,6 +11,8 @@ os.environ["CVOPS_STATE_DIR"] = str(_STATE)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Embedded mode would leave a background service and scheduler running: tests opt in.
+os.environ["CVOPS_BACKGROUND"] = "false"
 
 from cvops.runtime import bootstrap_env  # noqa: E402
 

@@ -38,8 +38,8 @@ def run_config(config_path: Path) -> dict[str, Any]:
 
     from cvops.config import ConfigError, load_config, resolve_flow_module
 
-    bootstrap_env()
     configure_logging()
+    bootstrap_env()
     try:
         cfg = load_config(config_path)
         module = importlib.import_module(resolve_flow_module(cfg.flow_module, str(config_path)))
@@ -118,12 +118,22 @@ def monitor(
     ] = None,
     last_n: Annotated[int | None, typer.Option(help="Window: at most the newest N")] = None,
     alpha: Annotated[float | None, typer.Option(help="False-alarm rate of the run")] = None,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Stay up and run the monitor on monitor.cron (what the deploy step starts in "
+            "the background without a Prefect server)",
+        ),
+    ] = False,
 ) -> None:
     """Run the drift monitor once (the scheduled flow's checks, no server needed).
 
     Calibrated UAE and BBSD tests on recent predictions vs the reference data; one row per test
     in `drift_reports`, an Evidently report in the workspace, the webhook on drift. Exits 0:
-    drift is a finding, not an error (look for DRIFT DETECTED)."""
+    drift is a finding, not an error (look for DRIFT DETECTED). With --serve: the deployment
+    drift_detection_evidently/<deploy.prefect.deployment_name>, run on the cron schedule by
+    this process (Prefect's ephemeral mode) until stopped."""
     from cvops.config import ConfigError, MonitorConfig, load_config
 
     bootstrap_env()
@@ -140,6 +150,14 @@ def monitor(
     }
     data = cfg.to_dict()
     data["monitor"] = {**(cfg.monitor or MonitorConfig()).model_dump(mode="json"), **overrides}
+    if serve:
+        from cvops.deploy import monitor_parameters
+        from cvops.monitor.schedule import serve_monitor
+
+        settings = MonitorConfig.model_validate(data["monitor"])
+        name = cfg.deploy.prefect.deployment_name if cfg.deploy else "drift_detection_evidently"
+        serve_monitor(name, settings.cron, monitor_parameters(data, settings))
+        return
     from cvops.flows import monitor_flow
 
     result = monitor_flow.start(data)
@@ -148,6 +166,24 @@ def monitor(
         f"{result['model_name']}: {verdict} over {result['sample_size']} predictions "
         f"(run {result['run_id']}); report: {result['report']}"
     )
+
+
+@app.command("background")
+def background_cmd(
+    stop: Annotated[bool, typer.Option("--stop", help="Stop them (with their children)")] = False,
+) -> None:
+    """Show (or --stop) the embedded-mode background processes: the model service and the
+    monitor scheduler that `cvops run` starts when no service URL / Prefect server is set."""
+    from cvops import background
+    from cvops.settings import get_settings
+
+    configure_logging()
+    state = get_settings().state_dir
+    if stop:
+        stopped = background.stop_all(state)
+        typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        return
+    typer.echo(background.describe(state))
 
 
 @app.command()
@@ -161,8 +197,8 @@ def rollback(
     from cvops.config import ConfigError, load_config
     from cvops.settings import get_settings
 
-    bootstrap_env()
     configure_logging()
+    bootstrap_env()
     try:
         cfg = load_config(config, check_flow_module=False)
     except ConfigError as err:
@@ -221,8 +257,8 @@ def data_demo_repo(
     from cvops.data.demo_repo import build_demo_repo
     from cvops.settings import get_settings
 
-    bootstrap_env()
     configure_logging()
+    bootstrap_env()
     settings = get_settings()
     repo = root / name
     tags = build_demo_repo(

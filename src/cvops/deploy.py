@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 from mlflow.exceptions import MlflowException
@@ -140,13 +142,53 @@ def rollback(
 
 
 MONITOR_FLOW_NAME = "drift_detection_evidently"
-MONITOR_ENTRYPOINT = "cvops/flows/monitor_flow.py:drift_detection_evidently"
+# A module path, not a file in a source folder: the worker imports the installed cvops, and the
+# deployment's source (pull step) is the project folder, so a flow run works in the same folder
+# as the deploying run (its .env, the config's relative paths).
+MONITOR_ENTRYPOINT = "cvops.flows.monitor_flow.drift_detection_evidently"
 
 
 def prefect_server_configured() -> bool:
     from prefect.settings import PREFECT_API_URL
 
     return bool(PREFECT_API_URL.value())
+
+
+def monitor_env(settings: Any) -> dict[str, str]:
+    """Where a scheduled monitor run finds central storage, state and the prediction DB.
+
+    Resolved here, at deploy time, so a worker started anywhere (or with another environment)
+    monitors what this deploy published."""
+    from cvops.service.settings import ServiceSettings
+
+    env = {
+        "CENTRAL_STORAGE_PATH": str(Path(settings.central_storage_path).resolve()),
+        "CVOPS_STATE_DIR": str(Path(settings.state_dir).resolve()),
+        "CVOPS_SERVICE_DB_URL": ServiceSettings().resolved_db_url,
+    }
+    if settings.mlflow_tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    return env
+
+
+def monitor_parameters(config: dict[str, Any], monitor: Any) -> dict[str, Any]:
+    """Parameters of the scheduled monitor flow (Prefect deployment or embedded scheduler).
+
+    With `monitor.retrain_on_drift` the flow config travels with them: on drift the monitor
+    retrains with the config that deployed the current model."""
+    parameters: dict[str, Any] = {
+        "last_days": monitor.last_days,
+        "last_n": monitor.last_n,
+        "evidently_project": monitor.evidently_project,
+        "alpha": monitor.alpha,
+        "webhook_url": monitor.webhook_url,
+        "workspace": str(Path(monitor.workspace).resolve()),
+        "evidently_mmd": monitor.evidently_mmd,
+        "retrain_on_drift": monitor.retrain_on_drift,
+    }
+    if monitor.retrain_on_drift:
+        parameters["retrain_config"] = config
+    return parameters
 
 
 def schedule_monitor(
@@ -159,17 +201,12 @@ def schedule_monitor(
 ) -> str:
     """Create or update the monitor deployment on a process work pool (no prompts).
 
-    The flow's code is the installed `cvops` package itself (`from_source` on its folder), so a
-    process worker started from the same environment runs exactly this version.
-    """
-    from pathlib import Path
-
+    The flow's code is the installed `cvops` package (module entrypoint); the deployment's
+    source is `working_dir`, so the worker's flow run starts there (Prefect's pull step)."""
     from prefect import Flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
-
-    import cvops
 
     with get_client(sync_client=True) as client:
         try:
@@ -177,8 +214,9 @@ def schedule_monitor(
             log.info("Created process work pool %s", pool_name)
         except ObjectAlreadyExists:
             pass
-    source = str(Path(cvops.__file__).resolve().parent.parent)
-    remote = Flow.from_source(source=source, entrypoint=MONITOR_ENTRYPOINT)
+    remote = Flow.from_source(
+        source=str(Path(working_dir).resolve()), entrypoint=MONITOR_ENTRYPOINT
+    )
     deployment_id = remote.deploy(
         name=deployment_name,
         work_pool_name=pool_name,
@@ -188,8 +226,59 @@ def schedule_monitor(
         parameters=parameters,
         job_variables={"env": env, "working_dir": working_dir},
         print_next_steps=False,
+        ignore_warnings=True,
     )
     log.info(
         "Deployment %s/%s on pool %s, cron %r", MONITOR_FLOW_NAME, deployment_name, pool_name, cron
     )
     return str(deployment_id)
+
+
+def service_answers(url: str, path: str = "/health_check", timeout: float = 2) -> bool:
+    try:
+        return httpx.get(f"{url.rstrip('/')}{path}", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ensure_local_service(
+    settings: Any, metadata_file: str, wait_s: float = 300
+) -> tuple[str, bool]:
+    """Embedded mode: the background `cvops serve` on loopback, started on `metadata_file` when
+    nothing answers on `settings.service_port`. Returns (URL, started now)."""
+    import time
+
+    from cvops.background import SERVICE, Background, service_token
+
+    url = f"http://127.0.0.1:{settings.service_port}"
+    process = Background(SERVICE, Path(settings.state_dir))
+    if service_answers(url):
+        return url, False
+    started = not process.alive()  # alive but silent: a service still starting, wait for it
+    if started:
+        env = {**os.environ, "CVOPS_SERVICE_ADMIN_TOKEN": service_token(Path(settings.state_dir))}
+        process.start(_serve_command(settings, metadata_file), env=env)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if service_answers(url, "/ready"):
+            return url, started
+        if not process.alive():
+            break
+        time.sleep(1)
+    process.stop()
+    tail = process.log_file.read_text(errors="replace")[-2000:] if process.log_file.exists() else ""
+    raise RuntimeError(f"the local model service did not become ready on {url}:\n{tail}")
+
+
+def _serve_command(settings: Any, metadata_file: str) -> list[str]:
+    from cvops.background import cvops_command
+
+    return cvops_command(
+        "serve",
+        "--port",
+        str(settings.service_port),
+        "--workers",
+        str(settings.service_workers),
+        "--model",
+        metadata_file,
+    )

@@ -31,6 +31,18 @@ class Settings(BaseSettings):
         description="MLflow server or store; None means a SQLite store under state_dir.",
     )
 
+    background: bool = Field(
+        default=True,
+        description=(
+            "Embedded mode: start the model service and the monitor scheduler as background "
+            "processes when no service URL / Prefect server is configured."
+        ),
+    )
+    service_port: int = Field(
+        default=8080, ge=1, le=65535, description="Port of the embedded (background) service."
+    )
+    service_workers: int = Field(default=1, ge=1, description="Workers of the embedded service.")
+
     @property
     def mlflow_dir(self) -> Path:
         return self.state_dir.resolve() / "mlflow"

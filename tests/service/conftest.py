@@ -30,8 +30,9 @@ from cvops.storage import CentralStorage, ModelMetadata, utc_now
 CLASSES = ["circle", "square", "triangle"]
 
 
-def package(storage_root: Path, name: str, version: str, seed: int, size: int = 50) -> str:
-    """An untrained but complete package (model, UAE, BBSD, reference data, metadata)."""
+def package(storage_root: Path, name: str, version: str | None, seed: int, size: int = 50) -> str:
+    """An untrained but complete package (model, UAE, BBSD, reference data, metadata);
+    version None: not in the model registry (the deploy step then sets no alias)."""
     keras.utils.set_random_seed(seed)
     model = build_model((size, size), len(CLASSES))
     uae, bbsd = build_uae((size, size), 32, seed=seed), build_bbsd(model)
@@ -40,7 +41,7 @@ def package(storage_root: Path, name: str, version: str, seed: int, size: int = 
     drift = DriftDetectionConfig()
     names = CentralStorage.artifact_names(name, drift)
     files = save_package(
-        storage_root / "_build" / name / version, name, names, model, uae, bbsd, ref
+        storage_root / "_build" / name / (version or "none"), name, names, model, uae, bbsd, ref
     )
     meta = ModelMetadata(
         model_name=name,

@@ -10,15 +10,15 @@ from typing import Any
 
 import keras
 import mlflow.keras
+import yaml
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
-from cvops import deploy, tracking
+from cvops import background, deploy, tracking
 from cvops.config import FlowConfig, MonitorConfig
 from cvops.flows.common import as_config, step
 from cvops.flows.eval_flow import metadata_file_name
 from cvops.model.evaluate import evaluate_on_split
-from cvops.service.settings import ServiceSettings
 from cvops.settings import Settings, get_settings
 from cvops.storage import CentralStorage, ModelMetadata, read_metadata
 
@@ -58,54 +58,72 @@ def promotion_gate(cfg: FlowConfig, storage: CentralStorage, meta: ModelMetadata
 
 
 @step("update-service")
-def update_service(cfg: FlowConfig, metadata_file: str) -> str:
+def update_service(cfg: FlowConfig, settings: Settings, metadata_file: str) -> str:
+    """PUT the model on the configured service; on embedded defaults (no service URL) on a
+    background `cvops serve` started here when none answers on the local port."""
     assert cfg.deploy is not None
     url = deploy.service_url(cfg.deploy.service_url)
-    if url is None:
-        message = "no model service configured (deploy.service_url or CVOPS_SERVICE_URL)"
-        log.warning("Deploy: %s; the service will load the champion when it starts", message)
-        return message
     token = os.environ.get("CVOPS_SERVICE_ADMIN_TOKEN")
+    started = ""
+    if url is None:
+        if not settings.background:
+            message = "no model service configured (deploy.service_url or CVOPS_SERVICE_URL)"
+            log.warning("Deploy: %s; the service will load the champion when it starts", message)
+            return message
+        url, fresh = deploy.ensure_local_service(settings, metadata_file)
+        token = background.service_token(Path(settings.state_dir))
+        process = background.Background(background.SERVICE, Path(settings.state_dir))
+        started = (
+            f" (local service {'started' if fresh else 'running'} in the background, "
+            f"pid {process.pid()}, log {process.log_file})"
+        )
     result = deploy.update_service_model(url, metadata_file, token)
     served = f"{result['model_name']} v{result['model_version']}"
-    return f"{url} serves {served} in {result['workers']} workers"
+    return f"{url} serves {served} in {result['workers']} workers{started}"
 
 
 @step("schedule-monitoring")
 def schedule_monitoring(cfg: FlowConfig, settings: Settings, monitor: MonitorConfig) -> str:
-    """The monitor deployment on the Prefect server; embedded mode has none to keep it."""
+    """The monitor deployment on the Prefect server; on embedded defaults a background
+    `cvops monitor --serve` scheduler (Prefect's ephemeral mode keeps no schedule itself)."""
     assert cfg.deploy is not None
-    if not deploy.prefect_server_configured():
-        message = (
-            "monitoring not scheduled: no Prefect server (set PREFECT_API_URL); "
-            "run `cvops monitor --config ...` on a schedule instead"
-        )
-        log.warning("Deploy: %s", message)
-        return message
-    service = ServiceSettings()
-    env = {
-        "CENTRAL_STORAGE_PATH": str(Path(settings.central_storage_path).resolve()),
-        "CVOPS_STATE_DIR": str(Path(settings.state_dir).resolve()),
-        "CVOPS_SERVICE_DB_URL": service.resolved_db_url,
-    }
-    if settings.mlflow_tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
-    parameters = {
-        "last_days": monitor.last_days,
-        "last_n": monitor.last_n,
-        "evidently_project": monitor.evidently_project,
-        "alpha": monitor.alpha,
-        "webhook_url": monitor.webhook_url,
-        "workspace": str(monitor.workspace.resolve()),
-        "evidently_mmd": monitor.evidently_mmd,
-    }
     name = cfg.deploy.prefect.deployment_name
+    config = cfg.to_dict()
+    if not deploy.prefect_server_configured():
+        if not settings.background:
+            message = (
+                "monitoring not scheduled: no Prefect server (set PREFECT_API_URL) and "
+                "background processes are off (CVOPS_BACKGROUND=false); run `cvops monitor "
+                "--config ...` on a schedule instead"
+            )
+            log.warning("Deploy: %s", message)
+            return message
+        process = start_embedded_scheduler(config, settings)
+        return (
+            f"monitoring scheduled: {deploy.MONITOR_FLOW_NAME}/{name}, cron {monitor.cron!r}, "
+            f"served by a background scheduler (Prefect ephemeral mode, pid {process.pid()}, "
+            f"log {process.log_file})"
+        )
+    parameters = deploy.monitor_parameters(config, monitor)
+    env = deploy.monitor_env(settings)
     deploy.schedule_monitor(name, monitor.pool_name, monitor.cron, parameters, env, str(Path.cwd()))
     return (
         f"monitoring scheduled: {deploy.MONITOR_FLOW_NAME}/{name} on pool {monitor.pool_name}, "
         f"cron {monitor.cron!r} (start a worker: prefect worker start --pool "
         f"{monitor.pool_name} --type process)"
     )
+
+
+def start_embedded_scheduler(config: dict[str, Any], settings: Settings) -> background.Background:
+    """(Re)start `cvops monitor --serve` on the deployed config, written to the run folder."""
+    state = Path(settings.state_dir)
+    path = background.run_dir(state) / "monitor-config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    process = background.Background(background.SCHEDULER, state)
+    process.stop()
+    process.start(background.cvops_command("monitor", "--config", str(path), "--serve"))
+    return process
 
 
 @flow(name="deploy_flow", log_prints=True)
@@ -121,7 +139,7 @@ def deploy_flow(config: dict[str, Any]) -> dict[str, Any]:
         return {"deploy": f"not promoted: {gate['reason']}"}
     if meta.version is not None:
         deploy.promote(MlflowClient(), meta.model_name, meta.version)
-    service = update_service(cfg, metadata_file)
+    service = update_service(cfg, settings, metadata_file)
     monitor = cfg.monitor or MonitorConfig()
     deploy.set_prefect_variables(metadata_file, monitor.pool_name)
     scheduled = schedule_monitoring(cfg, settings, monitor)
@@ -129,6 +147,8 @@ def deploy_flow(config: dict[str, Any]) -> dict[str, Any]:
         f"{meta.model_name} v{meta.version} is champion; {service}; Prefect Variables "
         f"{deploy.VARIABLE_METADATA_FILE}, {deploy.VARIABLE_POOL} set; {scheduled}"
     )
+    if any(background.Background(n, Path(settings.state_dir)).alive() for n in background.NAMES):
+        summary += f"; {background.describe(Path(settings.state_dir))}"
     log.info("Deploy: %s", summary)
     return {"deploy": summary, "promotion": gate}
 

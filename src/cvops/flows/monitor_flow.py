@@ -85,10 +85,25 @@ def alert_step(check: DriftCheck, monitor: MonitorConfig) -> list[str]:
             actions.append(f"webhook {monitor.webhook_url}")
         except httpx.HTTPError as err:
             log.error("Drift webhook %s failed: %s", monitor.webhook_url, err)
-    if monitor.retrain_on_drift:
-        actions.append("retraining is not wired yet (monitor.retrain_on_drift)")
-        log.warning("monitor.retrain_on_drift is set but retraining from the monitor is not built")
     return actions
+
+
+def retrain(config: dict[str, Any] | None) -> str:
+    """Drift with `retrain_on_drift`: run the full flow (train -> evaluate -> deploy) with the
+    config that deployed the model; the promotion gate decides whether the new model serves."""
+    if not config:
+        log.error(
+            "monitor.retrain_on_drift is set but the run has no retrain_config: "
+            "redeploy so the deployment carries the flow config"
+        )
+        return "retraining skipped: no retrain_config"
+    from cvops.flows import full_flow
+
+    log.warning("Drift: retraining with the full flow (monitor.retrain_on_drift)")
+    result = full_flow.start(config)
+    outcome = result.get("deploy") or "trained"
+    log.info("Retraining after drift finished: %s", outcome)
+    return f"retrained: {outcome}"
 
 
 @flow(name="drift_detection_evidently", log_prints=True)
@@ -101,9 +116,12 @@ def drift_detection_evidently(
     webhook_url: str | None = None,
     workspace: str = ".cvops/evidently",
     evidently_mmd: bool = False,
+    retrain_on_drift: bool = False,
+    retrain_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One monitor run; the model is the Prefect Variable `current_model_metadata_file`
-    unless `metadata_file` is given."""
+    unless `metadata_file` is given. On drift with `retrain_on_drift`, the full flow runs with
+    `retrain_config` (the flow config the deploy step passed)."""
     if metadata_file is None:
         from prefect.variables import Variable
 
@@ -123,11 +141,14 @@ def drift_detection_evidently(
         webhook_url=webhook_url,
         workspace=workspace,
         evidently_mmd=evidently_mmd,
+        retrain_on_drift=retrain_on_drift,
     )
     check = check_step(metadata_file, last_days, last_n, alpha)
     log.info("%s", describe(check))
     report = report_step(check, metadata_file, monitor)
     actions = alert_step(check, monitor) if check.drifted else []
+    if check.drifted and retrain_on_drift:
+        actions.append(retrain(retrain_config))
     return {
         "run_id": check.run_id,
         "model_name": check.model_name,
@@ -154,4 +175,6 @@ def start(config: dict[str, Any]) -> dict[str, Any]:
         webhook_url=monitor.webhook_url,
         workspace=str(monitor.workspace),
         evidently_mmd=monitor.evidently_mmd,
+        retrain_on_drift=monitor.retrain_on_drift,
+        retrain_config=cfg.to_dict() if monitor.retrain_on_drift else None,
     )

@@ -1,0 +1,137 @@
+"""Item 7: `cvops run` on embedded defaults (no service URL, no Prefect server) deploys to a
+background model service it starts, schedules the monitor in a background scheduler (Prefect
+ephemeral mode), says so, and `cvops background --stop` leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import select
+
+from cvops import background
+from cvops.monitor.schedule import REGISTERED
+from cvops.service.db import DriftReport, make_engine
+from tests.service.conftest import free_port, image_bytes, package
+
+pytestmark = pytest.mark.slow
+
+NAME = "embedded_demo"
+ENV_DROP = ("PREFECT_API_URL", "PREFECT_HOME", "CVOPS_SERVICE_URL", "CVOPS_SERVICE_ADMIN_TOKEN")
+
+
+def processes_with(key: str, value: str) -> list[int]:
+    """Live processes whose environment has key=value (everything our processes started)."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                stat = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] != "Z":
+                    found.append(int(environ.parent.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cvops.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
+
+
+def wait_for(check, timeout_s: float, what: str, poll_s: float = 1) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_run_starts_service_and_scheduler_then_stop_leaves_nothing(tmp_path: Path) -> None:
+    storage, state = tmp_path / "central_storage", tmp_path / "state"
+    package(storage, NAME, None, seed=4)
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "flow_module": "cvops.flows.deploy_flow",
+                "model": {
+                    "model_name": NAME,
+                    "input_size": {"w": 50, "h": 50},
+                    "classes": ["circle", "square", "triangle"],
+                },
+                "deploy": {"prefect": {"deployment_name": "embedded"}},
+                "monitor": {"cron": "* * * * *", "last_n": 50, "workspace": "evidently"},
+            }
+        )
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
+    env.update(
+        CENTRAL_STORAGE_PATH=str(storage),
+        CVOPS_STATE_DIR=str(state),
+        CVOPS_BACKGROUND="true",
+        CVOPS_SERVICE_PORT=str(port),
+    )
+    try:
+        result = cli(["run", str(config)], env, tmp_path)
+        out = result.stdout + result.stderr
+        assert result.returncode == 0, out[-5000:]
+        url = f"http://127.0.0.1:{port}"
+        assert f"{url} serves {NAME}" in result.stdout
+        assert "served by a background scheduler (Prefect ephemeral mode" in result.stdout
+        assert "stop with `cvops background --stop`" in result.stdout
+        run = background.run_dir(state)
+        assert str(run / "service.log") in result.stdout
+        assert str(run / "monitor-scheduler.log") in result.stdout
+
+        # the background service answers and serves the deployed model
+        assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
+        for seed in range(5):
+            files = {"file": ("x.png", image_bytes(seed=seed), "image/png")}
+            response = httpx.post(f"{url}/predict", files=files, timeout=60)
+            assert response.status_code == 200 and response.json()["model_name"] == NAME
+
+        # the scheduler registered its deployment and runs it on the cron (every minute here):
+        # a scheduled monitor run writes drift_reports rows to the service DB
+        scheduler = background.Background(background.SCHEDULER, state)
+        assert scheduler.alive()
+        wait_for(lambda: REGISTERED in scheduler.log_file.read_text(), 240, "registration")
+        engine = make_engine(f"sqlite:///{state / 'service' / 'service.db'}")
+
+        def reported() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(select(DriftReport.run_id).limit(1)).first() is not None
+
+        wait_for(reported, 300, "a scheduled monitor run", poll_s=5)
+        engine.dispose()
+        assert "next run at" in scheduler.log_file.read_text()
+        # the run finishes with its Evidently report in the config's (cwd-relative) workspace
+        reports = tmp_path / "evidently" / "reports"
+        wait_for(lambda: any(reports.glob("*.html")), 180, "the scheduled run's report")
+
+        shown = cli(["background"], env, tmp_path)
+        assert "service pid" in shown.stdout and "monitor-scheduler pid" in shown.stdout
+        stopped = cli(["background", "--stop"], env, tmp_path)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert "stopped: service, monitor-scheduler" in stopped.stdout
+    finally:
+        background.stop_all(state)
+    wait_for(lambda: not processes_with("CVOPS_STATE_DIR", str(state)), 30, "no process left")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health_check", timeout=2)
