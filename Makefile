@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/full_flow.yaml
 PYTEST_ARGS ?=
+# Debian packages of the tests and of the local stack (cvops up)
+SYSTEM_PACKAGES := postgresql nginx prometheus prometheus-node-exporter chromium chromium-driver
 
-.PHONY: setup system-deps demo test test-fast lint format lock bench clean-demo
+.PHONY: setup system-deps setup-stack demo demo-stack test test-fast lint format lock bench clean-demo
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"cvops needs Python 3.11, found {sys.version}"'
@@ -18,12 +20,21 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)  ## create .venv and install cvops with the locked dependencies
 
-system-deps:  ## Debian packages the tests need (PostgreSQL 15, nginx, Chromium), where missing
-	scripts/install-system-deps.sh postgresql nginx chromium chromium-driver
+system-deps:  ## Debian packages the tests need (PostgreSQL 15, nginx, Prometheus, Chromium), where missing
+	scripts/install-system-deps.sh $(SYSTEM_PACKAGES)
+
+setup-stack:  ## Debian packages of the local full stack (cvops up), where missing
+	scripts/install-system-deps.sh $(SYSTEM_PACKAGES)
 
 demo: setup  ## generate the DVC demo dataset and run the full flow
 	$(BIN)/cvops data demo-repo
 	$(BIN)/cvops run $(CONFIG)
+
+demo-stack: setup setup-stack  ## cvops up, the full flow on the stack, traffic, drift, where to look
+	$(BIN)/cvops up
+	$(BIN)/cvops data demo-repo
+	$(BIN)/cvops run $(CONFIG)
+	$(BIN)/python scripts/demo_stack.py
 
 test: setup system-deps  ## the whole test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -33,11 +44,11 @@ test-fast: setup system-deps  ## tests without the slow end-to-end ones
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check src tests benchmarks run_flow.py
+	$(BIN)/ruff format --check src tests benchmarks scripts run_flow.py
 
 format: setup
 	$(BIN)/ruff check --fix .
-	$(BIN)/ruff format src tests benchmarks run_flow.py
+	$(BIN)/ruff format src tests benchmarks scripts run_flow.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

@@ -206,13 +206,17 @@ def rollback(
     cfg.require("model")
     settings = get_settings()
     tracking.configure(settings)
+    url = deploy.service_url(cfg.deploy.service_url if cfg.deploy else None)
+    token = os.environ.get("CVOPS_SERVICE_ADMIN_TOKEN")
+    if url is None:
+        url, token = deploy.local_service(settings) or (None, token)
     try:
         summary = deploy.rollback(
             MlflowClient(),
             settings.central_storage_path,
             cfg.model.model_name,
-            url=deploy.service_url(cfg.deploy.service_url if cfg.deploy else None),
-            token=os.environ.get("CVOPS_SERVICE_ADMIN_TOKEN"),
+            url=url,
+            token=token,
         )
     except RuntimeError as err:
         fail(str(err), code=1)

@@ -241,6 +241,28 @@ def service_answers(url: str, path: str = "/health_check", timeout: float = 2) -
         return False
 
 
+def local_service(settings: Any) -> tuple[str, str] | None:
+    """Embedded mode's background service, if it runs: (URL, admin token)."""
+    from cvops.background import SERVICE, Background, service_token
+
+    if not Background(SERVICE, Path(settings.state_dir)).alive():
+        return None
+    return f"http://127.0.0.1:{settings.service_port}", service_token(Path(settings.state_dir))
+
+
+def pool_has_online_worker(pool: str, api_url: str | None = None) -> bool:
+    """Whether the Prefect server lists a worker of `pool` as ONLINE (a plain API call)."""
+    if api_url is None:
+        from prefect.settings import PREFECT_API_URL
+
+        api_url = PREFECT_API_URL.value()
+    try:
+        reply = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=3)
+    except httpx.HTTPError:
+        return False
+    return reply.status_code == 200 and any(w.get("status") == "ONLINE" for w in reply.json())
+
+
 def ensure_local_service(
     settings: Any, metadata_file: str, wait_s: float = 300
 ) -> tuple[str, bool]:

@@ -233,7 +233,25 @@ def test_monitor_deployment_runs_on_the_stack_worker(project: Project) -> None:
     assert "cvops-drift-monitoring" in {p["name"] for p in projects}
 
 
+def run_state(project: Project, run_id: str) -> str:
+    reply = httpx.get(project.url("PREFECT_PORT", f"/api/flow_runs/{run_id}"), timeout=10)
+    return reply.json()["state"]["type"]
+
+
 def test_down_leaves_nothing_and_data_survives(project: Project) -> None:
+    # A monitor run in flight when the stack stops must not stay "Running" for ever.
+    script = (
+        "from prefect.deployments import run_deployment\n"
+        "run = run_deployment('drift_detection_evidently/drift_detection_evidently', timeout=0)\n"
+        "print(run.id)\n"
+    )
+    env = {**project.env, "PREFECT_API_URL": project.client_env()["PREFECT_API_URL"]}
+    submitted = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    run_id = submitted.stdout.strip().splitlines()[-1]
+    assert wait_until(lambda: run_state(project, run_id) in {"PENDING", "RUNNING"}, 120, 0.3)
+
     down = project.cvops("down", timeout=180)
     assert down.returncode == 0 and "no process left behind" in down.stdout, down.stdout
     assert stack_processes(project.root) == []
@@ -249,6 +267,7 @@ def test_down_leaves_nothing_and_data_survives(project: Project) -> None:
     assert up.returncode == 0, up.stdout + up.stderr
     with project.pg("mlflow") as conn:
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] >= 2
+    assert run_state(project, run_id) == "CRASHED"
     served = httpx.get(project.url("NGINX_PORT", "/ready"), timeout=10)
     assert served.status_code == 200  # the service restarts on the deployed model
     assert project.cvops("down", timeout=180).returncode == 0

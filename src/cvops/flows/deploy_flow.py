@@ -107,10 +107,13 @@ def schedule_monitoring(cfg: FlowConfig, settings: Settings, monitor: MonitorCon
     parameters = deploy.monitor_parameters(config, monitor)
     env = deploy.monitor_env(settings)
     deploy.schedule_monitor(name, monitor.pool_name, monitor.cron, parameters, env, str(Path.cwd()))
+    if deploy.pool_has_online_worker(monitor.pool_name):
+        worker = "a worker is online"
+    else:
+        worker = f"start a worker: prefect worker start --pool {monitor.pool_name} --type process"
     return (
         f"monitoring scheduled: {deploy.MONITOR_FLOW_NAME}/{name} on pool {monitor.pool_name}, "
-        f"cron {monitor.cron!r} (start a worker: prefect worker start --pool "
-        f"{monitor.pool_name} --type process)"
+        f"cron {monitor.cron!r} ({worker})"
     )
 
 

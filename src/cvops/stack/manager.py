@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import time
+import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,41 @@ class LocalStack:
             )
         return result
 
+    def _stop_worker_and_crash_its_runs(self) -> list[str]:
+        """Runs of a stopped process worker would stay "Running" for ever in Prefect (a known
+        Prefect issue): stop the worker first, then mark its unfinished runs CRASHED."""
+        import httpx
+
+        try:
+            self.supervisor.rpc().stopProcess("prefect-worker", True)
+        except (OSError, xmlrpc.client.Fault):
+            return []
+        api = client_env(self.settings, resolve_secrets(self.settings))["PREFECT_API_URL"]
+        query = {
+            "flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}},
+            "work_pools": {"name": {"any_": [self.settings.monitor_pool_name]}},
+        }
+        crashed = []
+        try:
+            runs = httpx.post(f"{api}/flow_runs/filter", json=query, timeout=10).json()
+            for run in runs:
+                state = {
+                    "type": "CRASHED",
+                    "name": "Crashed",
+                    "message": "the stack was stopped (cvops down) while this run was going on",
+                }
+                httpx.post(
+                    f"{api}/flow_runs/{run['id']}/set_state",
+                    json={"state": state, "force": True},
+                    timeout=10,
+                )
+                crashed.append(run["id"])
+        except (httpx.HTTPError, ValueError) as err:
+            log.warning("could not mark the worker's unfinished runs as crashed: %s", err)
+        if crashed:
+            log.info("marked %d unfinished flow run(s) CRASHED", len(crashed))
+        return crashed
+
     def down(self, timeout_s: float = 120) -> list[int]:
         """Stop everything; returns pids that had to be killed after supervisord's shutdown."""
         if self.supervisor.pid() is None:
@@ -276,6 +312,7 @@ class LocalStack:
         for pid in groups:
             with contextlib.suppress(psutil.Error):
                 descendants.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+        self._stop_worker_and_crash_its_runs()
         self.supervisor.shutdown(timeout_s)
         leftovers = []
         for pid in groups | descendants:

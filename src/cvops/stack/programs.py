@@ -40,17 +40,9 @@ def http_ok(url: str, expect: int = 200) -> Callable[[], bool]:
 
 def prefect_worker_online(api_url: str, pool: str) -> Callable[[], bool]:
     """The worker counts as up once the Prefect server lists it as ONLINE on the pool."""
+    from cvops.deploy import pool_has_online_worker
 
-    def check() -> bool:
-        try:
-            reply = httpx.post(
-                f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=HEALTH_TIMEOUT_S
-            )
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200 and any(w.get("status") == "ONLINE" for w in reply.json())
-
-    return check
+    return lambda: pool_has_online_worker(pool, api_url)
 
 
 @dataclass(frozen=True)
