@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 from pathlib import Path
 
 import httpx
 
 from cvops.runtime import bootstrap_env
+
+
+def sample(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    images = sorted(folder.rglob("*.jpg"))
+    return random.Random(seed).sample(images, min(n, len(images)))
 
 
 def send(images: list[Path], service_url: str) -> int:
@@ -85,8 +91,10 @@ def main() -> None:
             scenarios=[args.scenario],
             annotations=annotations if annotations.exists() else None,
         )
-    normal = sorted((shift_dir / "none" / "none").rglob("*.jpg"))[: args.n]
-    shifted = sorted((shift_dir / args.scenario / args.severity).rglob("*.jpg"))[: args.n]
+    # A random sample across classes: the first N sorted paths would be a few classes only,
+    # a label shift the monitor rightly reports.
+    normal = sample(shift_dir / "none" / "none", args.n)
+    shifted = sample(shift_dir / args.scenario / args.severity, args.n)
     service = os.environ["CVOPS_SERVICE_URL"]
 
     print(f"1. {send(normal, service)}/{len(normal)} un-shifted images sent to {service}")
