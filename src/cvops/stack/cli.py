@@ -16,9 +16,23 @@ err_console = Console(stderr=True)
 
 
 def _stack():  # noqa: ANN202 - lazy import keeps `cvops --help` fast
-    from cvops.stack.manager import LocalStack
+    from pydantic import ValidationError
 
-    return LocalStack()
+    from cvops.stack.manager import LocalStack
+    from cvops.stack.settings import StackSettings
+
+    try:
+        settings = StackSettings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        err_console.print(
+            f"[bold red]error:[/] invalid setting {name} (environment or .env): {first['msg']} "
+            f"(got {first.get('input')!r})",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
+    return LocalStack(settings)
 
 
 def _table(statuses) -> Table:  # noqa: ANN001

@@ -7,6 +7,7 @@ program and answers status and start/stop over a private unix socket.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -40,13 +41,14 @@ class Program:
     stop_wait_secs: int = 20
 
 
-def _quote_value(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    return f'"{escaped}"'
-
-
-def program_section(program: Program, log_dir: Path, priority: int) -> str:
-    command = shlex.join(program.command).replace("%", "%%")
+def program_section(
+    program: Program, log_dir: Path, priority: int, env_file: Path | None = None
+) -> str:
+    """One `[program:x]`; its environment (if any) comes from `env_file` via the launcher."""
+    argv = program.command
+    if env_file is not None:
+        argv = [sys.executable, "-m", "cvops.stack.launch", str(env_file), "--", *argv]
+    command = shlex.join(argv).replace("%", "%%")
     lines = [
         f"[program:{program.name}]",
         f"command={command}",
@@ -67,9 +69,6 @@ def program_section(program: Program, log_dir: Path, priority: int) -> str:
     ]
     if program.user:
         lines.append(f"user={program.user}")
-    if program.env:
-        pairs = ",".join(f"{key}={_quote_value(str(val))}" for key, val in program.env.items())
-        lines.append(f"environment={pairs}")
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +105,17 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://{self.socket}
 """
-        sections = [program_section(p, self.log_dir, 10 * (i + 1)) for i, p in enumerate(programs)]
+        env_dir = self.stack_dir / "env"
+        env_dir.mkdir(mode=0o700, exist_ok=True)
+        sections = []
+        for i, program in enumerate(programs):
+            env_file = None
+            if program.env:
+                env_file = env_dir / f"{program.name}.json"
+                fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    json.dump({k: str(v) for k, v in program.env.items()}, out)
+            sections.append(program_section(program, self.log_dir, 10 * (i + 1), env_file))
         self.conf.write_text(header + "\n" + "\n".join(sections), encoding="utf-8")
         return self.conf
 

@@ -1,0 +1,113 @@
+"""The stack's parts without the whole stack: settings errors, preflight (busy port, missing
+package), secrets, and a real supervisord reporting a program that fails to start."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cvops.cli import app
+from cvops.stack import programs
+from cvops.stack.manager import LocalStack, log_tail, resolve_secrets
+from cvops.stack.postgres import StackError
+from cvops.stack.programs import Service
+from cvops.stack.settings import StackSettings
+from cvops.stack.supervisor import Program
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_env_example_holds_the_defaults() -> None:
+    example = StackSettings(_env_file=REPO / ".env.example")
+    assert example.ports() == StackSettings(_env_file=None).ports()
+    assert example.postgres_password is None  # empty secret: generated, not ""
+
+
+def test_invalid_setting_is_one_message_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_PORT", "fifty")
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2
+    assert "invalid setting MLFLOW_PORT" in result.output and "Traceback" not in result.output
+
+
+def test_busy_port_names_holder_and_setting(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        stack = LocalStack(StackSettings(_env_file=None, state_dir=tmp_path, mlflow_port=port))
+        with pytest.raises(StackError) as err:
+            stack._preflight()
+    message = str(err.value)
+    assert f"port {port} (mlflow)" in message and "MLFLOW_PORT" in message
+    assert "pid " in message  # the process holding it: this test's own
+
+
+def test_missing_system_package_gives_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(programs, "SYSTEM_TOOLS", {"prometheus": "no-such-tool-cvops"})
+    stack = LocalStack(StackSettings(_env_file=None, state_dir=tmp_path))
+    with pytest.raises(StackError, match=r"sudo apt-get install -y prometheus"):
+        stack._preflight()
+
+
+def test_secrets_generated_once_private_and_env_wins(tmp_path: Path) -> None:
+    settings = StackSettings(_env_file=None, state_dir=tmp_path)
+    first, second = resolve_secrets(settings), resolve_secrets(settings)
+    assert first == second and len(first.postgres_password) >= 20
+    assert len({first.postgres_password, first.jupyter_password, first.service_admin_token}) == 3
+    stored = settings.stack_dir / "secrets.env"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    explicit = StackSettings(_env_file=None, state_dir=tmp_path, postgres_password="chosen")
+    assert resolve_secrets(explicit).postgres_password == "chosen"
+    assert resolve_secrets(explicit).jupyter_password == first.jupyter_password
+
+
+def test_failing_program_reported_with_reason_and_log_tail(tmp_path: Path) -> None:
+    stack = LocalStack(StackSettings(_env_file=None, state_dir=tmp_path))
+    tricky = 'a%b"c\\d'
+    crasher = Program(
+        "crasher",
+        [sys.executable, "-c", "print('cannot bind 127.0.0.1:5050: in use'); raise SystemExit(3)"],
+        directory=tmp_path,
+        start_secs=1,
+    )
+    echo = Program(
+        "echo",
+        [
+            sys.executable,
+            "-c",
+            "import os, time; print('X=' + os.environ['X'], flush=True); time.sleep(60)",
+        ],
+        directory=tmp_path,
+        env={"X": tricky},
+        start_secs=1,
+    )
+    stack.supervisor.write_config([crasher, echo])
+    stack.supervisor.start_daemon({"PATH": "/usr/bin:/bin"})
+    try:
+        stack.supervisor.start("echo")
+        stack.supervisor.start("crasher")
+        service = Service(crasher, "Crasher", healthy=lambda: False)
+        with pytest.raises(StackError) as err:
+            stack._wait_healthy([service], time.monotonic() + 60, lambda _: None)
+        assert "Crasher (crasher) failed to start" in str(err.value)
+        assert "cannot bind 127.0.0.1:5050: in use" in str(err.value)
+        deadline = time.monotonic() + 20
+        while "X=" not in log_tail(stack.log_file("echo")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"X={tricky}" in log_tail(stack.log_file("echo"))  # quoting survived
+        echo_pid = stack.supervisor.processes()["echo"]["pid"]
+    finally:
+        killed = stack.down()
+    assert killed == [] and stack.supervisor.pid() is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(echo_pid, 0)
