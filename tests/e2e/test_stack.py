@@ -140,6 +140,17 @@ def test_up_runs_every_service_healthy(project: Project) -> None:
     assert httpx.get(project.url("JUPYTER_PORT", "/api")).status_code == 200
     # Jupyter's API needs the password; without it: 403, not an open notebook server
     assert httpx.get(project.url("JUPYTER_PORT", "/api/kernelspecs")).status_code == 403
+    secrets = read_env_file(project.root / ".cvops" / "stack" / "secrets.env")
+    with httpx.Client(base_url=project.url("JUPYTER_PORT")) as jupyter:
+        jupyter.get("/login")
+        login = jupyter.post(
+            "/login",
+            data={"password": secrets["JUPYTER_PASSWORD"], "_xsrf": jupyter.cookies["_xsrf"]},
+        )
+        assert login.status_code == 302
+        kernels = jupyter.get("/api/kernelspecs").json()
+    assert kernels["default"] == "cvops"
+    assert kernels["kernelspecs"]["cvops"]["spec"]["argv"][0] == sys.executable
     page = httpx.get(project.url("WEBUI_PORT", "/"))
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 

@@ -106,6 +106,19 @@ def _prometheus_config(settings: StackSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
+KERNEL_NAME = "cvops"
+
+
+def _kernel_spec() -> dict[str, object]:
+    """The project environment as a named kernel, whatever `python` is on PATH."""
+    return {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python (cvops)",
+        "language": "python",
+        "metadata": {"debugger": True},
+    }
+
+
 def _jupyter_config(settings: StackSettings, password: str) -> dict[str, object]:
     from jupyter_server.auth import passwd
 
@@ -116,6 +129,7 @@ def _jupyter_config(settings: StackSettings, password: str) -> dict[str, object]
             "root_dir": str(Path.cwd()),
         },
         "PasswordIdentityProvider": {"hashed_password": passwd(password)},
+        "MappingKernelManager": {"default_kernel_name": KERNEL_NAME},
     }
 
 
@@ -140,6 +154,9 @@ def services(
     jupyter_conf = jupyter_dir / "config" / "jupyter_server_config.json"
     jupyter_conf.write_text(json.dumps(_jupyter_config(s, secrets.jupyter_password), indent=2))
     jupyter_conf.chmod(0o600)
+    kernel_dir = jupyter_dir / "data" / "kernels" / KERNEL_NAME
+    kernel_dir.mkdir(parents=True, exist_ok=True)
+    (kernel_dir / "kernel.json").write_text(json.dumps(_kernel_spec(), indent=2))
     s.evidently_workspace.mkdir(parents=True, exist_ok=True)
     s.central_storage_path.resolve().mkdir(parents=True, exist_ok=True)
 
