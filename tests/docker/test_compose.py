@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from cvops.service import nginx as service_nginx
 from cvops.service.settings import ServiceSettings
 from cvops.settings import Settings
-from cvops.stack.settings import StackSettings
+from cvops.stack.settings import PORT_VARIABLES, StackSettings
 
 
 def words(text: str) -> frozenset[str]:
@@ -65,18 +65,7 @@ EXPECTED_SERVICES = {
 }
 # The .env variable of each published port. Keys of StackSettings.ports() are the compose
 # service names; the rest exist only in docker (no Debian package for them).
-PORT_VARS = {
-    "postgres": "POSTGRES_PORT",
-    "mlflow": "MLFLOW_PORT",
-    "prefect-server": "PREFECT_PORT",
-    "service": "SERVICE_PORT",
-    "nginx": "NGINX_PORT",
-    "webui": "WEBUI_PORT",
-    "evidently-ui": "EVIDENTLY_UI_PORT",
-    "prometheus": "PROMETHEUS_PORT",
-    "node-exporter": "NODE_EXPORTER_PORT",
-    "jupyter": "JUPYTER_PORT",
-}
+PORT_VARS = dict(PORT_VARIABLES)
 DOCKER_ONLY_PORT_VARS = {
     "grafana": "GRAFANA_PORT",
     "pgadmin": "PGADMIN_PORT",

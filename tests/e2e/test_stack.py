@@ -22,24 +22,14 @@ import yaml
 from cvops.data.demo import CLASSES
 from cvops.data.demo_repo import build_demo_repo
 from cvops.stack.manager import read_env_file
+from cvops.stack.settings import PORT_VARIABLES
 from tests.pg import wait_until
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES_3 = CLASSES[:3]
-PORT_NAMES = [
-    "POSTGRES_PORT",
-    "MLFLOW_PORT",
-    "PREFECT_PORT",
-    "SERVICE_PORT",
-    "NGINX_PORT",
-    "WEBUI_PORT",
-    "EVIDENTLY_UI_PORT",
-    "PROMETHEUS_PORT",
-    "NODE_EXPORTER_PORT",
-    "JUPYTER_PORT",
-]
+PORT_NAMES = list(PORT_VARIABLES.values())
 
 
 def free_ports(n: int) -> list[int]:

@@ -29,25 +29,13 @@ from cvops.stack.programs import (
     services,
     write_nginx_config,
 )
-from cvops.stack.settings import StackSettings
+from cvops.stack.settings import PORT_VARIABLES, StackSettings
 from cvops.stack.supervisor import Supervisor, clean_environment
 
 log = logging.getLogger(__name__)
 
 SECRETS_FILE = "secrets.env"
 CLIENT_ENV_FILE = "client.env"
-PORT_SETTING = {
-    "postgres": "POSTGRES_PORT",
-    "mlflow": "MLFLOW_PORT",
-    "prefect-server": "PREFECT_PORT",
-    "service": "SERVICE_PORT",
-    "nginx": "NGINX_PORT",
-    "webui": "WEBUI_PORT",
-    "evidently-ui": "EVIDENTLY_UI_PORT",
-    "prometheus": "PROMETHEUS_PORT",
-    "node-exporter": "NODE_EXPORTER_PORT",
-    "jupyter": "JUPYTER_PORT",
-}
 FAILED_STATES = {"FATAL", "EXITED", "BACKOFF", "UNKNOWN"}
 
 
@@ -161,7 +149,7 @@ class LocalStack:
             if holder:
                 busy.append(
                     f"port {port} ({name}) is in use by {holder}; stop it or set "
-                    f"{PORT_SETTING[name]} in .env"
+                    f"{PORT_VARIABLES[name]} in .env"
                 )
         if busy:
             raise StackError("cannot start the stack:\n  " + "\n  ".join(busy))

@@ -90,15 +90,20 @@ class StackSettings(BaseSettings):
 
     def ports(self) -> dict[str, int]:
         """Every port the stack binds, by the name of the server that binds it."""
-        return {
-            "postgres": self.postgres_port,
-            "mlflow": self.mlflow_port,
-            "prefect-server": self.prefect_port,
-            "service": self.service_port,
-            "nginx": self.nginx_port,
-            "webui": self.webui_port,
-            "evidently-ui": self.evidently_ui_port,
-            "prometheus": self.prometheus_port,
-            "node-exporter": self.node_exporter_port,
-            "jupyter": self.jupyter_port,
-        }
+        return {name: getattr(self, field) for name, field in PORT_FIELDS.items()}
+
+
+# Server name -> its port field; the `.env` variable is the field name in upper case.
+PORT_FIELDS = {
+    "postgres": "postgres_port",
+    "mlflow": "mlflow_port",
+    "prefect-server": "prefect_port",
+    "service": "service_port",
+    "nginx": "nginx_port",
+    "webui": "webui_port",
+    "evidently-ui": "evidently_ui_port",
+    "prometheus": "prometheus_port",
+    "node-exporter": "node_exporter_port",
+    "jupyter": "jupyter_port",
+}
+PORT_VARIABLES = {name: field.upper() for name, field in PORT_FIELDS.items()}
