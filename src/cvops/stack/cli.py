@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
+if not console.is_terminal:
+    console = Console(width=120)  # logs and CI: keep the URL table on one line per service
 err_console = Console(stderr=True)
 
 
