@@ -135,3 +135,18 @@ def test_live_accuracy_from_feedback(setup) -> None:
             text("SELECT score FROM drift_reports WHERE method = 'live_accuracy'")
         ).scalar_one()
     assert score == pytest.approx(0.75)
+
+
+def test_alarm_levels_split_alpha_and_never_exceed_it() -> None:
+    from cvops.monitor.check import alpha_levels
+    from cvops.monitor.stats import DEFAULT_METHODS
+
+    assert alpha_levels(DEFAULT_METHODS, 0.05) == pytest.approx({"uae": 0.01, "bbsd": 0.04})
+    custom = {"uae": ("mmd", "ks"), "bbsd": ("ks",)}
+    levels = alpha_levels(custom, 0.06)
+    assert levels == pytest.approx({"uae": 0.02, "bbsd": 0.02})
+    # the sum over alarm tests (each at its embedding's level) is the run's alpha at most
+    assert sum(levels[e] for e, methods in custom.items() for _ in methods) <= 0.06 + 1e-12
+    assert alpha_levels({"uae": (), "bbsd": ("mmd",)}, 0.05) == pytest.approx(
+        {"uae": 0.05, "bbsd": 0.05}
+    )
