@@ -50,8 +50,10 @@ def _table(statuses) -> Table:  # noqa: ANN001
 def up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every health check")] = 300,
 ) -> None:
-    """Start the local full stack (Postgres, MLflow, Prefect + worker, service + nginx, web UI,
-    Evidently UI, Prometheus + node exporter, Jupyter Lab) and wait until it is healthy."""
+    """Start the local full stack and wait until every service is healthy.
+
+    Postgres, MLflow, Prefect server + worker, model service + nginx, web UI, Evidently UI,
+    Prometheus + node exporter and Jupyter Lab, under supervisord, state in .cvops/stack."""
     from cvops.runtime import configure_logging
     from cvops.stack.postgres import StackError
 
