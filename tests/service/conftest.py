@@ -105,6 +105,8 @@ class ServiceProcess:
         **env: str,
     ) -> None:
         self.port = free_port()
+        self.workers = workers
+        self.workers_dir = tmp / "state" / "service" / "workers"
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "serve.log"
         self.env = {
@@ -141,10 +143,13 @@ class ServiceProcess:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.base}{self.wait_path}", timeout=1).status_code == 200:
-                    return self
+                answered = httpx.get(f"{self.base}{self.wait_path}", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
+                answered = False
+            # one worker answering is not all of them: wait until each has registered, so
+            # tests that count workers (PUT /update_model) do not race a worker still booting
+            if answered and len(list(self.workers_dir.glob("[0-9]*"))) >= self.workers:
+                return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.5)
