@@ -33,13 +33,13 @@ def use_running_stack() -> dict[str, str]:
     from cvops.settings import Settings  # reads `.env` too, as `cvops up` did
 
     stack_dir = Settings().state_dir.resolve() / "stack"
+    from cvops.stack.settings import read_env_file
+
     try:
-        pid = int((stack_dir / "supervisord.pid").read_text().strip())
-        os.kill(pid, 0)
-        lines = (stack_dir / "client.env").read_text(encoding="utf-8").splitlines()
+        os.kill(int((stack_dir / "supervisord.pid").read_text().strip()), 0)
     except (OSError, ValueError):
         return {}
-    values = dict(line.split("=", 1) for line in lines if "=" in line)
+    values = read_env_file(stack_dir / "client.env")
     applied = {key: value for key, value in values.items() if key not in os.environ}
     os.environ.update(applied)
     if applied:

@@ -21,8 +21,7 @@ import yaml
 
 from cvops.data.demo import CLASSES
 from cvops.data.demo_repo import build_demo_repo
-from cvops.stack.manager import read_env_file
-from cvops.stack.settings import PORT_VARIABLES
+from cvops.stack.settings import PORT_VARIABLES, read_env_file
 from tests.pg import wait_until
 
 pytestmark = pytest.mark.slow

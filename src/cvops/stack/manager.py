@@ -27,9 +27,9 @@ from cvops.stack.programs import (
     client_env,
     missing_system_packages,
     services,
-    write_nginx_config,
+    write_configs,
 )
-from cvops.stack.settings import PORT_VARIABLES, StackSettings
+from cvops.stack.settings import PORT_VARIABLES, StackSettings, read_env_file
 from cvops.stack.supervisor import Supervisor, clean_environment
 
 log = logging.getLogger(__name__)
@@ -49,16 +49,6 @@ class ServiceStatus:
     pid: int | None = None
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    values = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not key.startswith("#"):
-                values[key.strip()] = value.strip()
-    return values
-
-
 def _write_private(path: Path, values: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
@@ -75,16 +65,13 @@ def resolve_secrets(settings: StackSettings) -> Secrets:
         "JUPYTER_PASSWORD": settings.jupyter_password,
         "CVOPS_SERVICE_ADMIN_TOKEN": settings.service_admin_token,
     }
-    values = {}
-    for key, configured in wanted.items():
-        if configured is not None:
-            values[key] = configured.get_secret_value()
-        else:
-            values[key] = stored.get(key) or secrets.token_urlsafe(18)
-    if {k: v for k, v in values.items() if wanted[k] is None} != {
-        k: stored.get(k) for k in values if wanted[k] is None
-    }:
-        _write_private(stored_path, {k: v for k, v in values.items() if wanted[k] is None})
+    values = {key: value.get_secret_value() for key, value in wanted.items() if value is not None}
+    generated = {
+        key: stored.get(key) or secrets.token_urlsafe(18) for key in wanted if key not in values
+    }
+    if generated != {key: stored.get(key) for key in generated}:
+        _write_private(stored_path, generated)
+    values.update(generated)
     return Secrets(
         postgres_password=values["POSTGRES_PASSWORD"],
         jupyter_password=values["JUPYTER_PASSWORD"],
@@ -127,7 +114,7 @@ class LocalStack:
 
     # ---- what runs -------------------------------------------------------------------------
     def _services(self, secrets_: Secrets) -> list[Service]:
-        return services(self.settings, secrets_, self.project_dir, os.environ)
+        return services(self.settings, secrets_, self.project_dir)
 
     def log_file(self, name: str) -> Path:
         return self.supervisor.log_dir / f"{name}.log"
@@ -171,7 +158,7 @@ class LocalStack:
             self.settings.stack_dir.mkdir(parents=True, exist_ok=True)
             pg = LocalPostgres(self.settings, secrets_.postgres_password)
             pg.prepare()
-            write_nginx_config(self.settings)
+            write_configs(self.settings, secrets_)
             all_services = self._services(secrets_)
             self.supervisor.write_config([s.program for s in all_services if s.program])
             env = clean_environment(os.environ)
@@ -200,11 +187,11 @@ class LocalStack:
         while pending:
             processes = self.supervisor.processes()
             for name, service in list(pending.items()):
-                owner = service.program.name if service.program else "nginx"
+                owner = service.owner
                 state = processes.get(owner, {}).get("statename", "UNKNOWN")
-                if state in FAILED_STATES and not (state == "BACKOFF" and service.healthy()):
-                    if state == "BACKOFF":
-                        continue  # supervisord retries; FATAL follows if it keeps failing
+                if state == "BACKOFF":
+                    continue  # supervisord retries; FATAL follows if it keeps failing
+                if state in FAILED_STATES:
                     reason = processes.get(owner, {}).get("spawnerr") or state
                     raise StackError(
                         f"{service.title} ({name}) failed to start: {reason}\n"
@@ -216,7 +203,7 @@ class LocalStack:
                     del pending[name]
             if pending and time.monotonic() > deadline:
                 name, service = next(iter(pending.items()))
-                owner = service.program.name if service.program else "nginx"
+                owner = service.owner
                 raise StackError(
                     f"{service.title} ({name}) did not become healthy in time "
                     f"(still waiting for: {', '.join(pending)})\n"
@@ -235,8 +222,7 @@ class LocalStack:
         processes = self.supervisor.processes()
         result = []
         for service in all_services:
-            owner = service.program.name if service.program else "nginx"
-            info = processes.get(owner, {})
+            info = processes.get(service.owner, {})
             state = info.get("statename", "UNKNOWN")
             result.append(
                 ServiceStatus(

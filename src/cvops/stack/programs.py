@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,11 @@ class Service:
     @property
     def name(self) -> str:
         return self.program.name if self.program else str(self.alias)
+
+    @property
+    def owner(self) -> str:
+        """The supervised program whose state this service has (nginx serves the web UI)."""
+        return self.program.name if self.program else "nginx"
 
 
 @dataclass(frozen=True)
@@ -133,23 +138,15 @@ def _jupyter_config(settings: StackSettings, password: str) -> dict[str, object]
     }
 
 
-def services(
-    settings: StackSettings, secrets: Secrets, project_dir: Path, base_env: Mapping[str, str]
-) -> list[Service]:
-    """Every server of the stack; writes the config files they read (Prometheus, Jupyter)."""
+def write_configs(settings: StackSettings, secrets: Secrets) -> None:
+    """The files the servers read (Prometheus, Jupyter, nginx) and the folders they need;
+    written once per start of supervisord, never while the programs run."""
     s = settings
-    host = s.bind_host
-    pg = LocalPostgres(s, secrets.postgres_password)
-    client = client_env(s, secrets)
-    stack = s.stack_dir
-    prefect_api = client["PREFECT_API_URL"]
-
-    prometheus_dir = stack / "prometheus"
+    prometheus_dir = s.stack_dir / "prometheus"
     prometheus_dir.mkdir(parents=True, exist_ok=True)
-    prometheus_conf = prometheus_dir / "prometheus.yml"
-    prometheus_conf.write_text(_prometheus_config(s), encoding="utf-8")
+    (prometheus_dir / "prometheus.yml").write_text(_prometheus_config(s), encoding="utf-8")
 
-    jupyter_dir = stack / "jupyter"
+    jupyter_dir = s.stack_dir / "jupyter"
     (jupyter_dir / "config").mkdir(parents=True, exist_ok=True)
     jupyter_conf = jupyter_dir / "config" / "jupyter_server_config.json"
     jupyter_conf.write_text(json.dumps(_jupyter_config(s, secrets.jupyter_password), indent=2))
@@ -159,6 +156,20 @@ def services(
     (kernel_dir / "kernel.json").write_text(json.dumps(_kernel_spec(), indent=2))
     s.evidently_workspace.mkdir(parents=True, exist_ok=True)
     s.central_storage_path.resolve().mkdir(parents=True, exist_ok=True)
+    write_nginx_config(s)
+
+
+def services(settings: StackSettings, secrets: Secrets, project_dir: Path) -> list[Service]:
+    """Every server of the stack (pure: `write_configs` writes what they read)."""
+    s = settings
+    host = s.bind_host
+    pg = LocalPostgres(s, secrets.postgres_password)
+    client = client_env(s, secrets)
+    stack = s.stack_dir
+    prefect_api = client["PREFECT_API_URL"]
+    prometheus_dir = stack / "prometheus"
+    prometheus_conf = prometheus_dir / "prometheus.yml"
+    jupyter_dir = stack / "jupyter"
 
     cvops_env = {**client, "PYTHONUNBUFFERED": "1"}
     nginx_prefix = stack / "nginx"

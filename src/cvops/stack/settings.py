@@ -107,3 +107,14 @@ PORT_FIELDS = {
     "jupyter": "jupyter_port",
 }
 PORT_VARIABLES = {name: field.upper() for name, field in PORT_FIELDS.items()}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines of the files the stack writes (secrets.env, client.env)."""
+    values = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not key.startswith("#"):
+                values[key.strip()] = value.strip()
+    return values
