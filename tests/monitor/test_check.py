@@ -141,7 +141,7 @@ def test_alarm_levels_split_alpha_and_never_exceed_it() -> None:
     from cvops.monitor.check import alpha_levels
     from cvops.monitor.stats import DEFAULT_METHODS
 
-    assert alpha_levels(DEFAULT_METHODS, 0.05) == pytest.approx({"uae": 0.01, "bbsd": 0.04})
+    assert alpha_levels(DEFAULT_METHODS, 0.05) == pytest.approx({"uae": 0.025, "bbsd": 0.025})
     custom = {"uae": ("mmd", "ks"), "bbsd": ("ks",)}
     levels = alpha_levels(custom, 0.06)
     assert levels == pytest.approx({"uae": 0.02, "bbsd": 0.02})
@@ -150,3 +150,5 @@ def test_alarm_levels_split_alpha_and_never_exceed_it() -> None:
     assert alpha_levels({"uae": (), "bbsd": ("mmd",)}, 0.05) == pytest.approx(
         {"uae": 0.05, "bbsd": 0.05}
     )
+    with pytest.raises(ValueError, match="no test"):
+        alpha_levels({"uae": (), "bbsd": ()}, 0.05)

@@ -16,6 +16,8 @@ from cvops.monitor.stats import (
     REPORTED_METHODS,
     DriftResult,
     DriftTester,
+    looks_like_probabilities,
+    predictive_entropy,
     run_drift_tests,
 )
 
@@ -120,6 +122,50 @@ def test_constant_component_and_one_dimension() -> None:
     assert not any(r.drifted for r in constant), constant
     moved = {r.method: r.drifted for r in run_drift_tests(np.zeros((100, 2)), np.ones((20, 2)))}
     assert moved["ks"] and moved["distance"] and moved["mmd"]
+
+
+def _rows(pattern: list[float], n: int, rng: np.random.Generator) -> np.ndarray:
+    return np.stack([rng.permutation(pattern) for _ in range(n)])
+
+
+def test_ks_entropy_sees_a_shift_the_component_marginals_hide() -> None:
+    """Rows (1/2, 1/4, 1/4, 0) vs a 50/50 mix of (1/2, 1/2, 0, 0) and (1/4, 1/4, 1/4, 1/4), each
+    in random class order: every component has the same marginal in both (P(1/2) = 1/4,
+    P(1/4) = 1/2, P(0) = 1/4), only how the mass spreads within a row, i.e. the entropy, moves.
+    Blur on the demo model is a milder case of this (benchmarks/results/drift_power.md)."""
+    rng = np.random.default_rng(11)
+    reference = _rows([0.5, 0.25, 0.25, 0.0], 2000, rng)
+    assert looks_like_probabilities(reference)
+    plain = DriftTester(reference, ("ks",), alpha=ALPHA)
+    with_entropy = DriftTester(reference, ("ks",), alpha=ALPHA, ks_entropy=True)
+    current = np.vstack(
+        [_rows([0.5, 0.5, 0.0, 0.0], 100, rng), _rows([0.25, 0.25, 0.25, 0.25], 100, rng)]
+    )
+    (hidden,) = plain.test(current)
+    (seen,) = with_entropy.test(current)
+    assert not hidden.drifted and hidden.info["min_p"] > 0.05
+    assert seen.drifted and seen.info["entropy_p"] < 1e-10
+    assert seen.info["component_level"] == pytest.approx(ALPHA / 5)  # 4 classes + entropy
+    # un-shifted windows: the extra component is inside the Bonferroni correction
+    logits = rng.normal(0, 2, (2000 + 50 * NULL_WINDOWS, 6))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    null_tester = DriftTester(probs[:2000], ("ks",), alpha=ALPHA, ks_entropy=True)
+    windows = probs[2000:].reshape(NULL_WINDOWS, 50, 6)  # disjoint un-shifted windows
+    alarms = sum(null_tester.test(window)[0].drifted for window in windows)
+    assert alarms <= MAX_FALSE_ALARMS
+
+
+def test_probability_rows_are_recognised() -> None:
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(50, 5))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert looks_like_probabilities(probs.astype(np.float32))
+    assert not looks_like_probabilities(logits)
+    assert not looks_like_probabilities(np.abs(logits))
+    assert not looks_like_probabilities(np.ones((10, 1)))
+    assert predictive_entropy(np.array([[1.0, 0.0], [0.5, 0.5]])) == pytest.approx(
+        [0.0, math.log(2)], abs=1e-9
+    )
 
 
 def test_invalid_inputs_are_rejected(reference: np.ndarray) -> None:
