@@ -135,3 +135,74 @@ def test_run_starts_service_and_scheduler_then_stop_leaves_nothing(tmp_path: Pat
     wait_for(lambda: not processes_with("CVOPS_STATE_DIR", str(state)), 30, "no process left")
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health_check", timeout=2)
+
+
+def test_rollback_reaches_the_background_service(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """`cvops rollback` with no service URL configured: the registry alias, the background
+    service (its URL and generated token) and the Prefect Variable all go back to v1."""
+    from mlflow.tracking import MlflowClient
+
+    from cvops import deploy
+    from cvops.settings import Settings
+
+    storage, state = tmp_path / "central_storage", tmp_path / "state"
+    name = "embedded_rollback"
+    package(storage, name, "1", seed=1)
+    package(storage, name, "2", seed=2)
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=str(storage))
+    deploy.promote(client, name, "1")
+    deploy.promote(client, name, "2")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
+    env.update(
+        CENTRAL_STORAGE_PATH=str(storage),
+        CVOPS_STATE_DIR=str(state),
+        CVOPS_SERVICE_PORT=str(port),
+        MLFLOW_TRACKING_URI=mlflow_uri,
+    )
+    for key in ENV_DROP:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = tmp_path / "model.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "flow_module": "cvops.flows.deploy_flow",
+                "model": {
+                    "model_name": name,
+                    "input_size": {"w": 50, "h": 50},
+                    "classes": ["circle", "square", "triangle"],
+                },
+            }
+        )
+    )
+    try:
+        url, started = deploy.ensure_local_service(Settings(), f"{name}-v2.yaml")
+        assert started
+
+        def served() -> set[str]:
+            files = {"file": ("x.png", image_bytes(), "image/png")}
+            return {
+                httpx.post(f"{url}/predict", files=files, timeout=60).json()["model_version"]
+                for _ in range(4)
+            }
+
+        assert served() == {"2"}
+        result = cli(["rollback", "--config", str(config)], env, tmp_path)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        assert f"{url} serves v1" in result.stdout
+        assert served() == {"1"}
+        assert deploy.champion_version(client, name) == "1"
+        assert deploy.champion_version(client, name, deploy.PREVIOUS) == "2"
+        # a second rollback swaps back: the previous champion is v2 now
+        again = cli(["rollback", "--config", str(config)], env, tmp_path)
+        assert again.returncode == 0 and f"{url} serves v2" in again.stdout, again.stderr[-3000:]
+        assert served() == {"2"}
+    finally:
+        background.stop_all(state)
+    wait_for(lambda: not processes_with("CVOPS_STATE_DIR", str(state)), 30, "no process left")
