@@ -46,3 +46,37 @@ def test_rollback_without_previous_is_a_clear_error(client: MlflowClient) -> Non
     deploy.promote(client, "m", "1")
     with pytest.raises(RuntimeError, match="nothing to roll back"):
         deploy.rollback_aliases(client, "m")
+
+
+def test_monitor_env_keeps_database_passwords_out_of_job_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job variables live in Prefect's database and UI: the URL loses its password, a 0600
+    libpq password file (escaped per libpq's rules) gets it, and a new password replaces the
+    old line instead of adding one."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(
+        state_dir=tmp_path / "state",
+        central_storage_path=tmp_path / "cs",
+        mlflow_tracking_uri="http://127.0.0.1:5050",
+    )
+    url = "postgresql+psycopg://cvops:p%3Aw%5Cd@127.0.0.1:5433/cvops_service"
+    monkeypatch.setenv("CVOPS_SERVICE_DB_URL", url)
+    env = deploy.monitor_env(settings)
+    assert env["CVOPS_SERVICE_DB_URL"] == "postgresql+psycopg://cvops@127.0.0.1:5433/cvops_service"
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5050"
+    passfile = Path(env["PGPASSFILE"])
+    assert passfile == (tmp_path / "state" / deploy.PGPASS_FILE).resolve()
+    assert passfile.stat().st_mode & 0o777 == 0o600
+    assert passfile.read_text() == "127.0.0.1:5433:cvops_service:cvops:p\\:w\\\\d\n"
+    assert "p:w" not in repr(env)
+
+    monkeypatch.setenv("CVOPS_SERVICE_DB_URL", url.replace("p%3Aw%5Cd", "new"))
+    deploy.monitor_env(settings)
+    assert passfile.read_text() == "127.0.0.1:5433:cvops_service:cvops:new\n"
+
+    monkeypatch.setenv("CVOPS_SERVICE_DB_URL", f"sqlite:///{tmp_path / 'service.db'}")
+    plain = deploy.monitor_env(settings)
+    assert "PGPASSFILE" not in plain
+    assert plain["CVOPS_SERVICE_DB_URL"] == f"sqlite:///{tmp_path / 'service.db'}"

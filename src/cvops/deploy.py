@@ -20,6 +20,7 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 VARIABLE_METADATA_FILE = "current_model_metadata_file"
 VARIABLE_POOL = "monitor_pool_name"
+PGPASS_FILE = "pgpass"  # in the state dir: database passwords of scheduled monitor runs
 
 
 @dataclass(frozen=True)
@@ -158,17 +159,68 @@ def monitor_env(settings: Any) -> dict[str, str]:
     """Where a scheduled monitor run finds central storage, state and the prediction DB.
 
     Resolved here, at deploy time, so a worker started anywhere (or with another environment)
-    monitors what this deploy published."""
+    monitors what this deploy published. Job variables are stored in Prefect's database and
+    shown in its UI, so database passwords go to a 0600 libpq password file in the state dir
+    instead (`PGPASSFILE`); the URLs carry none."""
     from cvops.service.settings import ServiceSettings
 
+    state_dir = Path(settings.state_dir).resolve()
+    passfile = state_dir / PGPASS_FILE
     env = {
         "CENTRAL_STORAGE_PATH": str(Path(settings.central_storage_path).resolve()),
-        "CVOPS_STATE_DIR": str(Path(settings.state_dir).resolve()),
+        "CVOPS_STATE_DIR": str(state_dir),
         "CVOPS_SERVICE_DB_URL": ServiceSettings().resolved_db_url,
     }
     if settings.mlflow_tracking_uri:
         env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    moved = False
+    for name in ("CVOPS_SERVICE_DB_URL", "MLFLOW_TRACKING_URI"):
+        if name in env:
+            env[name], found = move_password_to_passfile(env[name], passfile)
+            moved = moved or found
+    if moved:
+        env["PGPASSFILE"] = str(passfile)
     return env
+
+
+def _pgpass_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def move_password_to_passfile(url: str, passfile: Path) -> tuple[str, bool]:
+    """A PostgreSQL URL's password goes to the libpq password file `passfile` (its line for
+    this host/port/database/user replaced, mode 0600); returns the URL without it and whether
+    there was one. Other URLs come back unchanged."""
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url, False
+    if not parsed.password or not parsed.drivername.startswith("postgresql"):
+        return url, False
+    fields = (parsed.host or "localhost", str(parsed.port or 5432), parsed.database or "*")
+    key = ":".join(_pgpass_field(v) for v in (*fields, parsed.username or "*")) + ":"
+    passfile.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if passfile.is_file():
+        kept = [line for line in passfile.read_text().splitlines() if not line.startswith(key)]
+    tmp = passfile.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join([*kept, key + _pgpass_field(str(parsed.password))]) + "\n")
+    os.replace(tmp, passfile)
+    bare = URL.create(
+        parsed.drivername,
+        parsed.username,
+        None,  # URL.set(password=None) would keep the password
+        parsed.host,
+        parsed.port,
+        parsed.database,
+        parsed.query,
+    )
+    return bare.render_as_string(hide_password=False), True
 
 
 def monitor_parameters(config: dict[str, Any], monitor: Any) -> dict[str, Any]:

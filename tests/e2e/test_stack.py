@@ -177,6 +177,13 @@ def test_full_flow_against_the_stack(project: Project) -> None:
     )
     assert deployment.status_code == 200
     assert deployment.json()["work_pool_name"] == "production-model-pool"
+    # the Postgres password stays out of Prefect's database: a 0600 libpq password file
+    # (the monitor run below connects through it)
+    password = "pg-test-pw"  # the fixture's .env
+    job_env = deployment.json()["job_variables"]["env"]
+    assert password not in deployment.text
+    passfile = Path(job_env["PGPASSFILE"])
+    assert passfile.stat().st_mode & 0o777 == 0o600 and password in passfile.read_text()
 
     images = sorted((project.root / "datasets/demo-shapes/images/test").rglob("*.jpg"))
     ids = []
