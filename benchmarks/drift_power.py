@@ -103,11 +103,19 @@ NOTES = [
     "unseen_class/low 0.16 -> 0.74 at n = 500 (component-only vs with entropy, each at "
     "alpha), at no false-alarm cost (bbsd-ks 5.0 / 3.7 / 1.0 / 1.0% vs 5.0 / 3.7 / 0.5 / "
     "1.5%).",
-    "- The entropy idea came from looking at these pools (a KS on max-probability or entropy "
-    "of blur/medium windows), so this table is not an independent validation of it; see the "
-    "issue 5 note for a check on newly rendered images. Windows of 500 from a 600-image pool "
-    "share >= 400 images, so the 50 windows are far from independent and the interval is "
-    "optimistic.",
+    "- **Out of sample the power target does not hold.** The entropy idea came from looking "
+    "at these pools, and windows of 500 from a 600-image pool share >= 400 images, so the 50 "
+    "windows mostly ask whether *that pool* differs. `drift_power_fresh.py` (results in "
+    "`drift_fresh.md`) renders new images and scenarios (seed 7, pools of 2000) for the same "
+    "model: false alarms 3.8% / 3.9% / 0.0% at n = 10 / 100 / 500, every medium+ shift 1.00 "
+    "at n = 500 except **blur/medium 0.90** and **gaussian_noise/medium 0.76** (BBSD-KS alone "
+    "at the full alpha: 0.92 and 0.86; components only at 2.5%: 0.80 and 0.80). The limit is "
+    "the softmax features, not the calibration: a permutation-calibrated max-KS, a "
+    "permutation Fisher combination, Anderson-Darling, KS on log-ratio (logit) coordinates, "
+    "sorted-probability profiles and per-predicted-class confidence KS were no better on "
+    "noise. A domain classifier on the model's penultimate layer (32-d) caught noise/medium "
+    "in 30/30 and blur/medium in 29/30 fresh windows at 2.5% with <= 1.7% false alarms "
+    "(prototype, not shipped; see the issue 5 note).",
     "- The reference is the training images' features (as in the reference project), and the "
     "model is more confident on its training images than on new ones: in a side check a KS "
     "on the entropy alone at 5% flagged 8% of un-shifted windows of 500 (6% at n = 100). "
@@ -608,7 +616,9 @@ def report(
         "## Target check (issue 5)",
         "",
         f"Checked on the **{MONITOR_LABEL}** (the shipped rule: "
-        f"{' or '.join(default)}, at {shipped_levels}).",
+        f"{' or '.join(default)}, at {shipped_levels}), on this benchmark's pools. Out of "
+        "sample, on newly rendered images, blur/medium and gaussian_noise/medium fall below "
+        "0.95: see the Notes and `drift_fresh.md`.",
         "",
         f"- False alarms <= 5% for the {MONITOR_LABEL}, at every n: "
         + ("**pass**" if fa_ok[MONITOR] else "**FAIL**")
