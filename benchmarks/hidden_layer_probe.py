@@ -48,7 +48,7 @@ GROUPS = (
 
 def features(args: argparse.Namespace) -> dict[str, np.ndarray]:
     work = Path(args.work)
-    cache = work / f"hidden_seed{args.seed}.npz"
+    cache = work / f"hidden_seed{args.seed}_layer{args.layer}.npz"
     if cache.exists():
         with np.load(cache) as npz:
             return {k: npz[k] for k in npz.files}
@@ -61,7 +61,7 @@ def features(args: argparse.Namespace) -> dict[str, np.ndarray]:
     meta = read_metadata(storage.resolve(f"models/{args.model}.yaml"))
     size = (meta.input_size.h, meta.input_size.w)
     model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
-    hidden = keras.Model(model.inputs, model.layers[-2].output, name="hidden")
+    hidden = keras.Model(model.inputs, model.layers[args.layer].output, name="hidden")
     ref_u = np.stack(pd.read_parquet(storage.resolve(meta.reference_data_path))["uae_feats"])
 
     def run(paths: list[str]) -> np.ndarray:
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--per-class", type=int, default=200)
     ap.add_argument("--windows", type=int, default=50)
+    ap.add_argument("--layer", type=int, default=-2, help="classifier layer (-2: penultimate)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     hidden = features(args)
