@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.per_class}`: a new demo set and shift scenarios (seed {args.seed}), pools of "
         f"{pool} images per scenario, embedded with the benchmark's model; windows drawn "
         f"without replacement; {time.perf_counter() - t0:.0f} s of tests. "
-        "`monitor verdict` = `check_drift` as shipped (alpha 0.05 over the alarm pair).",
+        "`monitor verdict` = `check_drift` as shipped (alpha 0.05 over the alarm pair). "
+        "Cells: rate [95% Wilson interval] (alarms).",
         "",
         "| pool | n | windows | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in columns:
             k = hits[name]
             lo, hi = wilson(k, windows)
-            cells.append(f"{k / windows:.2f} [{lo:.2f}, {hi:.2f}]")
+            cells.append(f"{k / windows:.3f} [{lo:.3f}, {hi:.3f}] ({k})")
         lines.append(f"| {group} | {n} | {windows} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text, encoding="utf-8")

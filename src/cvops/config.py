@@ -44,6 +44,10 @@ class DriftDetectionConfig(StrictModel):
     uae_encoding_dims: PositiveInt = 32
     bbsd_model_suffix: str = "_bbsd"
     bbsd_layer_idx: int = -1
+    # The classifier layer whose output is monitored as a third embedding ("hidden"; BBSD on a
+    # hidden layer, "BBSDh" in Failing Loudly): blur and noise move the pooled conv features far
+    # more than the softmax (benchmarks/hidden_layer_probe.py). None: not monitored.
+    hidden_layer: str | None = "features"
     reference_data_suffix: str = "_ref_data"
     reference_data_n_sample: PositiveInt = 5000
 

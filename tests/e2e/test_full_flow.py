@@ -89,10 +89,11 @@ def test_package_in_central_storage_loads_with_right_shapes(project: dict) -> No
     assert meta.bbsd_model_path == f"models/{name}_bbsd.keras"
 
     ref = pd.read_parquet(storage / "ref_data" / f"{name}_ref_data.parquet")
-    assert list(ref.columns) == ["uae_feats", "bbsd_feats", "label"]
+    assert list(ref.columns) == ["uae_feats", "bbsd_feats", "label", "hidden_feats"]
     assert len(ref) == 20
     assert {len(v) for v in ref["uae_feats"]} == {32}
     assert {len(v) for v in ref["bbsd_feats"]} == {3}
+    assert {len(v) for v in ref["hidden_feats"]} == {64}  # the pooled conv features
     assert set(ref["label"]) <= set(CLASSES_3)
 
 

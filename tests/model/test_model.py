@@ -4,7 +4,7 @@ import pytest
 
 from cvops.config import AugmentationConfig
 from cvops.model.build import LAST_CONV_LAYER, build_model
-from cvops.model.drift import build_bbsd, build_uae, reference_frame
+from cvops.model.drift import build_bbsd, build_hidden, build_uae, features, reference_frame
 from cvops.model.pipeline import build_augmenter, make_dataset
 
 
@@ -59,6 +59,23 @@ def test_bbsd_is_classifier_softmax() -> None:
     assert build_bbsd(model, -2)(x).shape == (3, 32)
 
 
+def test_hidden_features_are_the_pooled_conv_layer() -> None:
+    import tensorflow as tf
+
+    model = build_model((50, 50), 5)
+    hidden = build_hidden(model, "features")
+    assert hidden is not None
+    x = np.random.default_rng(1).random((4, 50, 50, 3), dtype=np.float32)
+    pooled = model.get_layer("last_conv").output
+    conv = keras.Model(model.input, pooled)(x).numpy()
+    np.testing.assert_allclose(hidden(x).numpy(), conv.mean((1, 2)), rtol=1e-5, atol=1e-6)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(4))).batch(3)
+    np.testing.assert_allclose(features(hidden, ds), hidden(x).numpy(), rtol=1e-5, atol=1e-6)
+    # off, or a model built before the layer was named: no hidden embedding
+    assert build_hidden(model, None) is None
+    assert build_hidden(model, "no_such_layer") is None
+
+
 def test_reference_frame_columns() -> None:
     frame = reference_frame(
         np.ones((3, 32)), np.full((3, 5), 0.2), np.array([0, 4, 1]), ["a", "b", "c", "d", "e"]
@@ -66,6 +83,11 @@ def test_reference_frame_columns() -> None:
     assert list(frame.columns) == ["uae_feats", "bbsd_feats", "label"]
     assert frame["label"].tolist() == ["a", "e", "b"]
     assert len(frame["uae_feats"][0]) == 32 and len(frame["bbsd_feats"][0]) == 5
+    with_hidden = reference_frame(
+        np.ones((3, 32)), np.full((3, 5), 0.2), np.array([0, 4, 1]), list("abcde"), np.ones((3, 64))
+    )
+    assert list(with_hidden.columns) == ["uae_feats", "bbsd_feats", "label", "hidden_feats"]
+    assert len(with_hidden["hidden_feats"][0]) == 64
 
 
 @pytest.fixture()

@@ -42,6 +42,25 @@ def build_bbsd(model: keras.Model, layer_idx: int = -1) -> keras.Model:
     return keras.Model(model.input, model.layers[layer_idx].output, name="bbsd")
 
 
+def build_hidden(model: keras.Model, layer: str | None) -> keras.Model | None:
+    """The classifier's own features at `layer`, or None when off or the model has no such
+    layer (a model built before the layer was named): the monitor then skips the embedding."""
+    if not layer:
+        return None
+    try:
+        output = model.get_layer(layer).output
+    except ValueError:
+        log.warning("Model %s has no layer %r: no hidden-layer drift features", model.name, layer)
+        return None
+    return keras.Model(model.input, output, name="hidden")
+
+
+def features(detector: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
+    """One detector's features for every batch of an (unaugmented) dataset."""
+    step = tf.function(lambda x: detector(x, training=False), reduce_retracing=True)
+    return np.concatenate([step(images).numpy() for images, _ in dataset])
+
+
 def embed(
     uae: keras.Model, bbsd: keras.Model, dataset: tf.data.Dataset
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,13 +76,19 @@ def embed(
 
 
 def reference_frame(
-    uae_feats: np.ndarray, bbsd_feats: np.ndarray, targets: np.ndarray, classes: list[str]
+    uae_feats: np.ndarray,
+    bbsd_feats: np.ndarray,
+    targets: np.ndarray,
+    classes: list[str],
+    hidden_feats: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Columns `uae_feats`, `bbsd_feats` (lists of floats) and `label` (class name)."""
-    return pd.DataFrame(
-        {
-            "uae_feats": [row.astype("float32").tolist() for row in uae_feats],
-            "bbsd_feats": [row.astype("float32").tolist() for row in bbsd_feats],
-            "label": [classes[int(t)] for t in targets],
-        }
-    )
+    """Columns `uae_feats`, `bbsd_feats` (lists of floats), `label` (class name) and, when the
+    model has a hidden-feature layer, `hidden_feats`."""
+    columns = {
+        "uae_feats": [row.astype("float32").tolist() for row in uae_feats],
+        "bbsd_feats": [row.astype("float32").tolist() for row in bbsd_feats],
+        "label": [classes[int(t)] for t in targets],
+    }
+    if hidden_feats is not None:
+        columns["hidden_feats"] = [row.astype("float32").tolist() for row in hidden_feats]
+    return pd.DataFrame(columns)

@@ -13,7 +13,14 @@ import tensorflow as tf
 from cvops.config import FlowConfig
 from cvops.data.images import check_classes, index_split, select_classes, stratified_split
 from cvops.model.build import build_model, make_optimizer
-from cvops.model.drift import build_bbsd, build_uae, embed, reference_frame
+from cvops.model.drift import (
+    build_bbsd,
+    build_hidden,
+    build_uae,
+    embed,
+    features,
+    reference_frame,
+)
 from cvops.model.pipeline import make_dataset
 
 log = logging.getLogger(__name__)
@@ -103,7 +110,9 @@ def build_detectors(
         sample = sample.sample(n=drift.reference_data_n_sample, random_state=cfg.seed)
     ds = split_dataset(cfg, sample.reset_index(drop=True), batch_size=256)
     uae_feats, bbsd_feats, targets = embed(uae, bbsd, ds)
-    ref = reference_frame(uae_feats, bbsd_feats, targets, cfg.model.classes)
+    hidden = build_hidden(model, drift.hidden_layer)
+    hidden_feats = features(hidden, ds) if hidden is not None else None
+    ref = reference_frame(uae_feats, bbsd_feats, targets, cfg.model.classes, hidden_feats)
     log.info("Reference data: %d rows (uae %d-d, bbsd %d-d)", len(ref), *_dims(ref))
     return uae, bbsd, ref
 
