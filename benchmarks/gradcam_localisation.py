@@ -43,7 +43,7 @@ def main() -> None:
     ds = make_dataset(test["path"].tolist(), test["target"].tolist(), loaded.size, 64)
     heatmaps, sizes, boxes, correct, offset = [], [], [], 0, 0
     for images, targets in ds:
-        probs, _, _, cams = loaded.infer(images.numpy())
+        probs, _, _, _, cams = loaded.infer(images.numpy())
         hits = probs.argmax(1) == targets.numpy()
         for k in np.flatnonzero(hits):
             row = ann.loc[test["path"].iloc[offset + k]]

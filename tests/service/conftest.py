@@ -30,15 +30,23 @@ from cvops.storage import CentralStorage, ModelMetadata, utc_now
 CLASSES = ["circle", "square", "triangle"]
 
 
-def package(storage_root: Path, name: str, version: str | None, seed: int, size: int = 50) -> str:
+def package(
+    storage_root: Path,
+    name: str,
+    version: str | None,
+    seed: int,
+    size: int = 50,
+    hidden_layer: str | None = "features",
+) -> str:
     """An untrained but complete package (model, UAE, BBSD, reference data, metadata);
-    version None: not in the model registry (the deploy step then sets no alias)."""
+    version None: not in the model registry (the deploy step then sets no alias);
+    hidden_layer None: a model whose hidden features are not monitored."""
     keras.utils.set_random_seed(seed)
     model = build_model((size, size), len(CLASSES))
     uae, bbsd = build_uae((size, size), 32, seed=seed), build_bbsd(model)
     x = np.random.default_rng(seed).random((8, size, size, 3), dtype=np.float32)
     ref = reference_frame(uae(x).numpy(), bbsd(x).numpy(), np.arange(8) % 3, CLASSES)
-    drift = DriftDetectionConfig()
+    drift = DriftDetectionConfig(hidden_layer=hidden_layer)
     names = CentralStorage.artifact_names(name, drift)
     files = save_package(
         storage_root / "_build" / name / (version or "none"), name, names, model, uae, bbsd, ref

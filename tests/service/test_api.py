@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
 import numpy as np
@@ -55,6 +56,7 @@ def test_predict_contract(client, path: str, fmt: str) -> None:
     assert abs(sum(body["prediction"].values()) - 1) < 1e-4
     assert body["predicted_class"] == max(body["prediction"], key=body["prediction"].get)
     assert len(body["uae_feats"]) == 32 and len(body["bbsd_feats"]) == 3
+    assert len(body["hidden_feats"]) == 64  # the pooled conv features
     np.testing.assert_allclose(
         body["bbsd_feats"], [body["prediction"][c] for c in CLASSES], rtol=1e-4
     )
@@ -64,12 +66,11 @@ def test_predict_contract(client, path: str, fmt: str) -> None:
 
 
 def test_predictions_and_api_log_are_written(client, settings) -> None:
-    ids = [
-        client.post("/predict", files={"file": ("x.png", image_bytes(seed=i))}).json()[
-            "prediction_id"
-        ]
+    bodies = [
+        client.post("/predict", files={"file": ("x.png", image_bytes(seed=i))}).json()
         for i in range(3)
     ]
+    ids = [body["prediction_id"] for body in bodies]
     assert len(set(ids)) == 3
     url = settings.resolved_db_url
     assert wait_for_rows(url, "predictions", 3) == 3
@@ -77,9 +78,14 @@ def test_predictions_and_api_log_are_written(client, settings) -> None:
     engine = create_engine(url)
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT prediction_id, status, method FROM api_log")).all()
+        stored = dict(conn.execute(text("SELECT id, hidden_feats FROM predictions")).all())
     engine.dispose()
     assert {r[0] for r in rows if r[0]} == set(ids)
     assert all(r[1] == 200 and r[2] == "POST" for r in rows)
+    for body in bodies:  # the monitor's third embedding is stored with every prediction
+        hidden = stored[body["prediction_id"]]
+        hidden = json.loads(hidden) if isinstance(hidden, str) else hidden
+        np.testing.assert_allclose(hidden, body["hidden_feats"], rtol=1e-6)
 
 
 @pytest.mark.parametrize(

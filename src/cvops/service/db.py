@@ -30,7 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-FloatArray = JSON().with_variant(postgresql.ARRAY(Float), "postgresql")
+# none_as_null: a missing feature vector is SQL NULL, not the JSON text "null"
+FloatArray = JSON(none_as_null=True).with_variant(postgresql.ARRAY(Float), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -49,6 +50,7 @@ class Prediction(Base):
     prediction_json: Mapped[dict] = mapped_column(JSON)
     uae_feats: Mapped[list[float]] = mapped_column(FloatArray)
     bbsd_feats: Mapped[list[float]] = mapped_column(FloatArray)
+    hidden_feats: Mapped[list[float] | None] = mapped_column(FloatArray, nullable=True)
     created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 

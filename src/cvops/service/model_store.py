@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cvops.model.drift import build_hidden
 from cvops.model.gradcam import gradcam, gradient_model
 from cvops.storage import MODELS_DIR, CentralStorage, ModelMetadata, StoragePathError, read_metadata
 
@@ -31,7 +32,7 @@ class ModelLoadError(RuntimeError):
         self.status = status
 
 
-InferFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+InferFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]  # probs, uae, bbsd, hidden, cams
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,10 @@ def load_model(storage: CentralStorage, metadata_file: str) -> LoadedModel:
         model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
         uae = keras.models.load_model(storage.resolve(meta.uae_model_path), compile=False)
         bbsd = keras.models.load_model(storage.resolve(meta.bbsd_model_path), compile=False)
+        hidden = build_hidden(model, meta.drift_detection.hidden_layer)
     except Exception as err:  # any broken file must leave the old model serving
         raise ModelLoadError(f"cannot load model {metadata_file}: {err}", 422) from None
-    infer = compile_inference(model, uae, bbsd, meta)
+    infer = compile_inference(model, uae, bbsd, meta, hidden)
     log.info(
         "Loaded %s v%s in %.2f s", meta.model_name, meta.version, time.perf_counter() - started
     )
@@ -92,19 +94,28 @@ def load_model(storage: CentralStorage, metadata_file: str) -> LoadedModel:
 
 
 def compile_inference(
-    model: keras.Model, uae: keras.Model, bbsd: keras.Model, meta: ModelMetadata
+    model: keras.Model,
+    uae: keras.Model,
+    bbsd: keras.Model,
+    meta: ModelMetadata,
+    hidden: keras.Model | None = None,
 ) -> InferFn:
-    """One traced step: probabilities + Grad-CAM, UAE and BBSD features for a batch."""
+    """One traced step: probabilities + Grad-CAM, UAE, BBSD and (when the model has the layer)
+    hidden features for a batch; without the layer the hidden features are (batch, 0)."""
     h, w = meta.input_size.h, meta.input_size.w
     grad_model = gradient_model(model)
 
     @tf.function(input_signature=[tf.TensorSpec((None, h, w, 3), tf.float32)])
     def step(images: tf.Tensor) -> tuple[tf.Tensor, ...]:
         probs, cams = gradcam(grad_model, images)
-        return probs, uae(images, training=False), bbsd(images, training=False), cams
+        if hidden is not None:
+            feats = hidden(images, training=False)
+        else:
+            feats = tf.zeros((tf.shape(images)[0], 0), tf.float32)
+        return probs, uae(images, training=False), bbsd(images, training=False), feats, cams
 
-    def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(t.numpy() for t in step(tf.convert_to_tensor(batch)))  # type: ignore[return-value]
+    def infer(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(t.numpy() for t in step(tf.convert_to_tensor(batch)))
 
     infer(np.zeros((1, h, w, 3), np.float32))  # trace now, not on the first request
     return infer

@@ -123,6 +123,7 @@ async def predict(
         predicted_class=predicted,
         uae_feats=result.uae.astype(float).tolist(),
         bbsd_feats=result.bbsd.astype(float).tolist(),
+        hidden_feats=result.hidden.astype(float).tolist() if result.hidden.size else None,
         raw_hm_img=raw_hm,
         overlaid_img=overlaid,
         prediction_id=prediction_id,
@@ -153,6 +154,7 @@ def prediction_record(response: PredictResponse, data: bytes | None) -> dict[str
         },
         "uae_feats": response.uae_feats,
         "bbsd_feats": response.bbsd_feats,
+        "hidden_feats": response.hidden_feats,
         "created_on": dt.datetime.now(dt.UTC).isoformat(),
     }
 

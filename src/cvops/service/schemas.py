@@ -12,6 +12,9 @@ class PredictResponse(BaseModel):
     predicted_class: str
     uae_feats: list[float] = Field(description="UAE embedding (32 floats)")
     bbsd_feats: list[float] = Field(description="BBSD features (one per class)")
+    hidden_feats: list[float] | None = Field(
+        None, description="pooled conv features of the classifier (None: model without the layer)"
+    )
     raw_hm_img: str = Field(description="Grad-CAM heatmap, base64 PNG")
     overlaid_img: str = Field(description="heatmap over the input, base64 PNG")
     prediction_id: str

@@ -36,6 +36,7 @@ class InferenceResult:
     probs: np.ndarray
     uae: np.ndarray
     bbsd: np.ndarray
+    hidden: np.ndarray  # empty when the model has no hidden-feature layer
     cam: np.ndarray
 
 
@@ -47,9 +48,9 @@ def run_batch(items: Sequence[InferenceItem]) -> list[InferenceResult]:
         groups.setdefault(id(item.model), []).append(i)
     for indices in groups.values():
         model = items[indices[0]].model
-        probs, uae, bbsd, cams = model.infer(np.stack([items[i].image for i in indices]))
+        probs, uae, bbsd, hidden, cams = model.infer(np.stack([items[i].image for i in indices]))
         for row, i in enumerate(indices):
-            results[i] = InferenceResult(probs[row], uae[row], bbsd[row], cams[row])
+            results[i] = InferenceResult(probs[row], uae[row], bbsd[row], hidden[row], cams[row])
     return results  # type: ignore[return-value]
 
 

@@ -1,0 +1,48 @@
+"""Hidden-layer features in the service: computed when the metadata names a layer of the model,
+absent (None in the response, NULL in the DB) for models without one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from cvops.service.app import create_app
+from cvops.service.model_store import load_model
+from cvops.service.settings import ServiceSettings
+from cvops.storage import CentralStorage
+from tests.service.conftest import image_bytes, package
+from tests.service.test_api import wait_for_rows
+
+
+def test_infer_returns_hidden_features_only_for_a_named_layer(tmp_path: Path) -> None:
+    package(tmp_path, "with_hidden", "1", seed=3)
+    package(tmp_path, "without_hidden", "1", seed=3, hidden_layer=None)
+    batch = np.random.default_rng(0).random((2, 50, 50, 3), dtype=np.float32)
+    storage = CentralStorage(tmp_path)
+    with_hidden = load_model(storage, "with_hidden.yaml").infer(batch)
+    without = load_model(storage, "without_hidden.yaml").infer(batch)
+    assert with_hidden[3].shape == (2, 64) and without[3].shape == (2, 0)
+    for a, b in zip(with_hidden[:3] + with_hidden[4:], without[:3] + without[4:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # the rest is unchanged
+
+
+def test_model_without_hidden_layer_stores_null(tmp_path: Path) -> None:
+    package(tmp_path / "cs", "plain", "1", seed=5, hidden_layer=None)
+    settings = ServiceSettings(
+        central_storage_path=tmp_path / "cs",
+        state_dir=tmp_path / "state",
+        metadata_file="plain.yaml",
+        admin_token="s3cret",
+    )
+    with TestClient(create_app(settings)) as client:
+        body = client.post("/predict", files={"file": ("x.png", image_bytes())}).json()
+        assert body["hidden_feats"] is None and len(body["uae_feats"]) == 32
+        assert wait_for_rows(settings.resolved_db_url, "predictions", 1) == 1
+    engine = create_engine(settings.resolved_db_url)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT hidden_feats FROM predictions")).scalar_one()
+    engine.dispose()
+    assert stored is None
