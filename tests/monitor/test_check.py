@@ -47,8 +47,17 @@ def setup(tmp_path: Path):
     return storage, metadata_file, url, engine
 
 
-def insert(engine, n: int, shift: float = 0.0, age_days: float = 0.0, model: str = "mon") -> None:
+def insert(
+    engine,
+    n: int,
+    shift: float = 0.0,
+    age_days: float = 0.0,
+    model: str = "mon",
+    hidden_scale: float | None = None,
+) -> None:
+    """`hidden_scale`: rows also carry 16-d hidden features, N(0, scale²) (1: un-shifted)."""
     uae, bbsd = features(n, shift)
+    hidden = RNG.normal(0.0, hidden_scale or 1.0, (n, 16))
     when = dt.datetime.now(dt.UTC) - dt.timedelta(days=age_days)
     rows = [
         (
@@ -60,10 +69,11 @@ def insert(engine, n: int, shift: float = 0.0, age_days: float = 0.0, model: str
                 "prediction_json": {},
                 "uae_feats": u.tolist(),
                 "bbsd_feats": b.tolist(),
+                "hidden_feats": h.tolist() if hidden_scale else None,
                 "created_on": (when - dt.timedelta(seconds=i)).isoformat(),
             },
         )
-        for i, (u, b) in enumerate(zip(uae, bbsd, strict=True))
+        for i, (u, b, h) in enumerate(zip(uae, bbsd, hidden, strict=True))
     ]
     write_batch(engine, rows)
 
@@ -86,6 +96,56 @@ def test_no_drift_then_drift_and_rows_stored(setup) -> None:
     assert {r.run_id for r in rows} == {calm.run_id, alarm.run_id}
     assert len(rows) == 2 * (len(alarm.results["uae"]) + len(alarm.results["bbsd"]))
     assert {r.sample_size for r in rows} == {300}
+
+
+def test_hidden_features_join_the_alarm_tests_when_both_sides_have_them(setup) -> None:
+    """A shift only the hidden features show (their variance grows, as blur and noise do to the
+    pooled conv features): the hidden domain classifier raises the alarm, at alpha / 3."""
+    storage, metadata_file, url, engine = setup
+    meta = read_metadata(storage.metadata_path(metadata_file))
+    uae, bbsd = features(600)
+    hidden = RNG.normal(0.0, 1.0, (600, 16))
+    pd.DataFrame(
+        {
+            "uae_feats": list(uae),
+            "bbsd_feats": list(bbsd),
+            "label": "circle",
+            "hidden_feats": list(hidden),
+        }
+    ).to_parquet(storage.resolve(meta.reference_data_path))
+    insert(engine, 300, hidden_scale=1.0)
+    calm = run_monitor(storage, metadata_file, url, last_n=300)
+    assert set(calm.results) == {"uae", "bbsd", "hidden"} and not calm.drifted
+    assert calm.alarm_methods == {"uae": ("mmd",), "bbsd": ("ks",), "hidden": ("classifier",)}
+    (ks,) = [r for r in calm.results["bbsd"] if r.method == "ks"]
+    assert ks.info["component_level"] == pytest.approx(0.05 / 3 / 4)  # 3 classes + entropy
+    insert(engine, 300, hidden_scale=1.6)
+    alarm = run_monitor(storage, metadata_file, url, last_n=300)
+    assert alarm.drifting_tests == ["hidden/classifier"]
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT method FROM drift_reports WHERE embedding = 'hidden' AND run_id = :r"),
+            {"r": alarm.run_id},
+        ).scalars()
+        assert set(stored) == {"mmd", "ks", "classifier"}
+
+
+def test_rows_without_hidden_features_fall_back_to_the_pair(setup) -> None:
+    """Old prediction rows (no hidden features) against a reference that has them: the pair
+    decides, at alpha / 2."""
+    storage, metadata_file, url, engine = setup
+    meta = read_metadata(storage.metadata_path(metadata_file))
+    uae, bbsd = features(600)
+    pd.DataFrame(
+        {"uae_feats": list(uae), "bbsd_feats": list(bbsd), "label": "circle"}
+        | {"hidden_feats": list(RNG.normal(size=(600, 16)))}
+    ).to_parquet(storage.resolve(meta.reference_data_path))
+    insert(engine, 200)
+    check = run_monitor(storage, metadata_file, url, last_n=200)
+    assert set(check.results) == {"uae", "bbsd"}
+    assert check.alarm_methods == {"uae": ("mmd",), "bbsd": ("ks",)}
+    (ks,) = [r for r in check.results["bbsd"] if r.method == "ks"]
+    assert ks.info["component_level"] == pytest.approx(0.025 / 4)
 
 
 def test_window_respects_days_limit_and_model(setup) -> None:
@@ -141,14 +201,19 @@ def test_alarm_levels_split_alpha_and_never_exceed_it() -> None:
     from cvops.monitor.check import alpha_levels
     from cvops.monitor.stats import DEFAULT_METHODS
 
-    assert alpha_levels(DEFAULT_METHODS, 0.05) == pytest.approx({"uae": 0.025, "bbsd": 0.025})
+    third = 0.05 / 3
+    assert alpha_levels(DEFAULT_METHODS, 0.05) == pytest.approx(
+        {"uae": third, "bbsd": third, "hidden": third}
+    )
+    pair = {"uae": ("mmd",), "bbsd": ("ks",)}  # a package without hidden features
+    assert alpha_levels(pair, 0.05) == pytest.approx({"uae": 0.025, "bbsd": 0.025, "hidden": 0.025})
     custom = {"uae": ("mmd", "ks"), "bbsd": ("ks",)}
     levels = alpha_levels(custom, 0.06)
-    assert levels == pytest.approx({"uae": 0.02, "bbsd": 0.02})
+    assert levels == pytest.approx({"uae": 0.02, "bbsd": 0.02, "hidden": 0.02})
     # the sum over alarm tests (each at its embedding's level) is the run's alpha at most
     assert sum(levels[e] for e, methods in custom.items() for _ in methods) <= 0.06 + 1e-12
     assert alpha_levels({"uae": (), "bbsd": ("mmd",)}, 0.05) == pytest.approx(
-        {"uae": 0.05, "bbsd": 0.05}
+        {"uae": 0.05, "bbsd": 0.05, "hidden": 0.05}
     )
     with pytest.raises(ValueError, match="no test"):
         alpha_levels({"uae": (), "bbsd": ()}, 0.05)

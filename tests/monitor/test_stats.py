@@ -182,6 +182,6 @@ def test_invalid_inputs_are_rejected(reference: np.ndarray) -> None:
 
 
 def test_default_methods_are_known() -> None:
-    assert set(DEFAULT_METHODS) == {"uae", "bbsd"}
+    assert set(DEFAULT_METHODS) == {"uae", "bbsd", "hidden"}
     for embedding, methods in DEFAULT_METHODS.items():
         assert methods and set(methods) <= set(REPORTED_METHODS[embedding]) <= set(METHODS)

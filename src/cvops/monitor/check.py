@@ -29,7 +29,9 @@ from cvops.storage import CentralStorage, ModelMetadata
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS = ("uae", "bbsd")
+# uae: untrained autoencoder; bbsd: the classifier's softmax; hidden: its pooled conv features
+# (optional: packages and prediction rows from before it existed have none).
+EMBEDDINGS = ("uae", "bbsd", "hidden")
 
 
 @dataclass
@@ -40,10 +42,14 @@ class Window:
     end: dt.datetime | None
     ids: list[str] = field(default_factory=list)
     predicted: list[str | None] = field(default_factory=list)
+    hidden: np.ndarray | None = None  # rows that carry hidden features (may be fewer)
 
     @property
     def size(self) -> int:
         return len(self.uae)
+
+    def features(self, embedding: str) -> np.ndarray | None:
+        return {"uae": self.uae, "bbsd": self.bbsd, "hidden": self.hidden}[embedding]
 
 
 @dataclass
@@ -122,12 +128,14 @@ class DriftCheck:
 
 
 def load_reference(storage: CentralStorage, meta: ModelMetadata) -> dict[str, np.ndarray]:
-    table = pq.read_table(
-        storage.resolve(meta.reference_data_path), columns=["uae_feats", "bbsd_feats"]
-    )
+    """Reference features per embedding; `hidden` only when the package has them."""
+    path = storage.resolve(meta.reference_data_path)
+    present = set(pq.read_schema(path).names)
+    columns = [f"{e}_feats" for e in EMBEDDINGS if f"{e}_feats" in present]
+    table = pq.read_table(path, columns=columns)
     return {
-        "uae": np.asarray(table.column("uae_feats").to_pylist(), dtype=np.float64),
-        "bbsd": np.asarray(table.column("bbsd_feats").to_pylist(), dtype=np.float64),
+        c.removesuffix("_feats"): np.asarray(table.column(c).to_pylist(), dtype=np.float64)
+        for c in columns
     }
 
 
@@ -141,6 +149,7 @@ def recent_window(
             Prediction.id,
             Prediction.uae_feats,
             Prediction.bbsd_feats,
+            Prediction.hidden_feats,
             Prediction.created_on,
             Prediction.prediction_json,
         )
@@ -149,11 +158,13 @@ def recent_window(
         .limit(last_n)
         .execution_options(yield_per=chunk)
     )
-    uae, bbsd, times, ids, predicted = [], [], [], [], []
+    uae, bbsd, hidden, times, ids, predicted = [], [], [], [], [], []
     with engine.connect() as conn:
         for row in conn.execute(stmt):
             uae.append(row.uae_feats)
             bbsd.append(row.bbsd_feats)
+            if row.hidden_feats is not None:
+                hidden.append(row.hidden_feats)
             times.append(row.created_on)
             ids.append(row.id)
             predicted.append((row.prediction_json or {}).get("predicted_class"))
@@ -164,6 +175,7 @@ def recent_window(
         max(times) if times else None,
         ids,
         predicted,
+        np.asarray(hidden, dtype=np.float64) if hidden else None,
     )
 
 
@@ -201,6 +213,26 @@ def alpha_levels(alarm_methods: dict[str, tuple[str, ...]], alpha: float) -> dic
     return dict.fromkeys(EMBEDDINGS, alpha / tests)
 
 
+def _testable(reference: dict[str, np.ndarray], window: Window) -> list[str]:
+    """Embeddings both sides have, with matching dimensions and >= 2 window rows: `hidden` is
+    missing for packages and prediction rows from before it existed."""
+    found = []
+    for embedding in EMBEDDINGS:
+        ref, current = reference.get(embedding), window.features(embedding)
+        if ref is None or current is None or len(current) < 2:
+            continue
+        if current.shape[1] != ref.shape[1]:
+            log.warning(
+                "%s features: window has %d dims, reference %d; not tested",
+                embedding,
+                current.shape[1],
+                ref.shape[1],
+            )
+            continue
+        found.append(embedding)
+    return found
+
+
 def check_drift(
     reference: dict[str, np.ndarray],
     window: Window,
@@ -215,12 +247,13 @@ def check_drift(
 
     Each alarm test runs at alpha / (number of alarm tests) (Bonferroni, `alpha_levels`), so
     the run's verdict "any alarm test fires" keeps its false-alarm rate <= alpha. The default
-    alarm pair (UAE-MMD, BBSD-KS with the softmax entropy) was chosen in
-    benchmarks/results/drift_power.md. Reported-only tests run at the same level."""
+    alarm tests (UAE-MMD, BBSD-KS with the softmax entropy, and the domain classifier on the
+    hidden features when both sides have them) were chosen in benchmarks/results/; an
+    embedding missing on either side drops out and the others share alpha. Reported-only
+    tests run at the same level."""
     methods = methods or REPORTED_METHODS
-    alarm_methods = alarm_methods or DEFAULT_METHODS
-    levels = alpha_levels(alarm_methods, alpha)
-    permutations = max(100, math.ceil(2 / min(levels.values())))
+    embeddings = [e for e in _testable(reference, window) if methods.get(e)]
+    alarm_methods = {e: m for e, m in (alarm_methods or DEFAULT_METHODS).items() if e in embeddings}
     check = DriftCheck(
         str(uuid.uuid4()),
         meta.model_name,
@@ -232,8 +265,10 @@ def check_drift(
     if window.size < 2:
         log.warning("Drift check skipped: %d predictions in the window", window.size)
         return check
-    for embedding in EMBEDDINGS:
-        current = window.uae if embedding == "uae" else window.bbsd
+    levels = alpha_levels(alarm_methods, alpha)
+    permutations = max(100, math.ceil(2 / min(levels.values())))
+    for embedding in embeddings:
+        current = window.features(embedding)
         tester = DriftTester(
             reference[embedding],
             methods[embedding],

@@ -32,10 +32,13 @@ from evidently.sdk.panels import counter_panel, line_plot_panel
 from evidently.tests import lte
 from evidently.ui.workspace import Workspace
 
-from cvops.monitor.check import EMBEDDINGS, DriftCheck
+from cvops.monitor.check import DriftCheck
 
 log = logging.getLogger(__name__)
 
+# Evidently's own MMD and per-column views cover uae and bbsd, which every window row has; our
+# calibrated results (all embeddings, hidden included) enter as CalibratedDrift metrics.
+EVIDENTLY_EMBEDDINGS = ("uae", "bbsd")
 CALIBRATED = "calibrated"  # name of the additional dataset holding our results
 METRIC_TYPE = "evidently:metric_v2:CalibratedDrift"
 EVIDENTLY_MMD_TYPE = "evidently:metric_v2:EmbeddingsDrift"
@@ -69,10 +72,10 @@ class CalibratedDriftCalculation(SingleValueCalculation[CalibratedDrift]):
         return f"Calibrated {m.method} drift {m.quantity}: {m.embedding}"
 
 
-def _frame(uae: np.ndarray, bbsd: np.ndarray) -> pd.DataFrame:
-    cols = {f"uae_{i}": uae[:, i] for i in range(uae.shape[1])}
-    cols.update({f"bbsd_{i}": bbsd[:, i] for i in range(bbsd.shape[1])})
-    return pd.DataFrame(cols)
+def _frame(features: dict[str, np.ndarray]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {f"{e}_{i}": x[:, i] for e, x in features.items() for i in range(x.shape[1])}
+    )
 
 
 def _results_frame(check: DriftCheck) -> pd.DataFrame:
@@ -109,19 +112,22 @@ def build_snapshot(
     per (embedding, method) our calibrated score (with the test "score <= threshold"), threshold,
     p-value and verdict; `ValueDrift` for up to `max_columns` BBSD class-probability columns.
     """
-    uae_ref, bbsd_ref = np.asarray(reference["uae"]), np.asarray(reference["bbsd"])
-    if len(uae_ref) > max_reference:
-        idx = np.random.default_rng(seed).choice(len(uae_ref), max_reference, replace=False)
-        uae_ref, bbsd_ref = uae_ref[idx], bbsd_ref[idx]
     window = check.window
-    k = bbsd_ref.shape[1]
-    uae_cols = [f"uae_{i}" for i in range(uae_ref.shape[1])]
-    bbsd_cols = [f"bbsd_{i}" for i in range(k)]
+    names = EVIDENTLY_EMBEDDINGS
+    ref_feats = {e: np.asarray(reference[e]) for e in names}
+    n_ref = len(ref_feats["uae"])
+    if n_ref > max_reference:
+        idx = np.random.default_rng(seed).choice(n_ref, max_reference, replace=False)
+        ref_feats = {e: x[idx] for e, x in ref_feats.items()}
+    k = ref_feats["bbsd"].shape[1]
+    cols = {e: [f"{e}_{i}" for i in range(x.shape[1])] for e, x in ref_feats.items()}
     definition = DataDefinition(
-        numerical_columns=uae_cols + bbsd_cols, embeddings={"uae": uae_cols, "bbsd": bbsd_cols}
+        numerical_columns=[c for e in names for c in cols[e]], embeddings=cols
     )
-    current = Dataset.from_pandas(_frame(window.uae, window.bbsd), data_definition=definition)
-    ref = Dataset.from_pandas(_frame(uae_ref, bbsd_ref), data_definition=definition)
+    current = Dataset.from_pandas(
+        _frame({e: window.features(e) for e in names}), data_definition=definition
+    )
+    ref = Dataset.from_pandas(_frame(ref_feats), data_definition=definition)
     calibrated = Dataset.from_pandas(
         _results_frame(check),
         data_definition=DataDefinition(
@@ -133,7 +139,7 @@ def build_snapshot(
     metrics: list[Any] = []
     if evidently_mmd and window.size >= 2:
         metrics += [
-            EmbeddingsDrift(embeddings_name=e, drift_method=MMDDriftMethod()) for e in EMBEDDINGS
+            EmbeddingsDrift(embeddings_name=e, drift_method=MMDDriftMethod()) for e in names
         ]
     for embedding, results in check.results.items():
         for r in results:
@@ -216,7 +222,7 @@ def _panels(check_methods: list[tuple[str, str]]) -> list[Any]:
                 PanelMetric(
                     legend=e, metric=EVIDENTLY_MMD_TYPE, metric_labels={"embeddings_name": e}
                 )
-                for e in EMBEDDINGS
+                for e in EVIDENTLY_EMBEDDINGS
             ],
             size="full",
         )
