@@ -5,7 +5,8 @@ windows; on un-shifted held-out images: the false-alarm rate over ``--null-windo
 a 95% Wilson interval. Anchor: Rabanser et al., "Failing Loudly" (NeurIPS 2019).
 
 Data (built once under ``--work``, then cached):
-- reference: ``ref_data/<model>_ref_data.parquet`` (UAE/BBSD features of the training images);
+- reference: ``ref_data/<model>_ref_data.parquet`` (UAE/BBSD/hidden features of the training
+  images);
 - un-shifted held-out pool: the validation split (train images held out from training), the test
   split, and extra images rendered by the demo generator from test-split seeds the dataset does
   not use (same distribution, never seen by the model); windows are drawn without replacement;
@@ -25,9 +26,10 @@ running the real ``EmbeddingsDriftMetric`` per window costs seconds for its t-SN
 ``--verify K`` runs the real Evidently drift methods on K windows per size and reports agreement.
 
 Monitor verdict: what the monitor ships, measured by calling ``cvops.monitor.check.check_drift``
-itself on every window (alarm tests ``DEFAULT_METHODS`` = UAE-MMD + BBSD-KS, each at alpha / k,
-k = 2, with check_drift's own permutation counts; ``seed`` = the window number, as for the
-per-method rows). Its verdict, "any alarm test fires", is the row the issue's target is about.
+itself on every window (alarm tests ``DEFAULT_METHODS`` = UAE-MMD + BBSD-KS + the domain
+classifier on the hidden features, each at alpha / 3, with check_drift's own permutation
+counts; ``seed`` = the window number, as for the per-method rows). Its verdict, "any alarm
+test fires", is the row the issue's target is about.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/drift_power.py \\
         --storage /tmp/fresh/central_storage --dataset /tmp/fresh/datasets/demo-shapes
@@ -73,7 +75,12 @@ MONITOR = "monitor-verdict"  # rows holding check_drift's verdict (score: smalle
 MONITOR_LABEL = "monitor verdict"
 # check_drift reads only the name and version from the metadata
 _META = cast(ModelMetadata, SimpleNamespace(model_name=MODEL, version=None))
-OURS = {"uae": ("mmd", "ks", "distance", "classifier"), "bbsd": ("mmd", "ks")}
+OURS = {
+    "uae": ("mmd", "ks", "distance", "classifier"),
+    "bbsd": ("mmd", "ks"),
+    "hidden": ("mmd", "ks", "classifier"),
+}
+EMBEDDINGS = tuple(OURS)
 # BBSD-KS as shipped tests the softmax components plus their entropy; "ks-components" is the
 # same test on the components only (as in "Failing Loudly"), to show what the entropy adds.
 COMPONENTS_ONLY = "ks-components"
@@ -165,7 +172,7 @@ def prepare(args: argparse.Namespace) -> Path:
 
     from cvops.data.demo import generate_demo_dataset
     from cvops.data.shift import generate_shift_scenarios
-    from cvops.model.drift import embed
+    from cvops.model.drift import build_hidden, embed, features
     from cvops.model.pipeline import make_dataset
     from cvops.storage import CentralStorage, read_metadata
 
@@ -209,10 +216,15 @@ def prepare(args: argparse.Namespace) -> Path:
         groups[f"{scen}/{sev}"] = (paths, targets)
     uae = keras.models.load_model(storage.resolve(meta.uae_model_path), compile=False)
     bbsd = keras.models.load_model(storage.resolve(meta.bbsd_model_path), compile=False)
+    model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
+    hidden = build_hidden(model, meta.drift_detection.hidden_layer)
+    if hidden is None:
+        raise SystemExit("the model has no hidden-feature layer: train it with this cvops")
     ref = pd.read_parquet(storage.resolve(meta.reference_data_path))
     arrays = {
         "ref/uae": np.stack(ref["uae_feats"].to_numpy()),
         "ref/bbsd": np.stack(ref["bbsd_feats"].to_numpy()),
+        "ref/hidden": np.stack(ref["hidden_feats"].to_numpy()),
         "ref/target": ref["label"].map(index).to_numpy(),
     }
     t0 = time.perf_counter()
@@ -227,11 +239,14 @@ def prepare(args: argparse.Namespace) -> Path:
         ds = make_dataset(paths, [max(t, 0) for t in targets], size, 256, cache=False)
         u, b, _ = embed(uae, bbsd, ds)
         arrays[f"{key}/uae"], arrays[f"{key}/bbsd"] = u, b
+        arrays[f"{key}/hidden"] = features(hidden, ds)
         arrays[f"{key}/target"] = np.asarray(targets)
         n_images += len(paths)
-    diff = np.abs(arrays["check_train/uae"] - arrays["ref/uae"][:64]).max()
+    diff = max(
+        np.abs(arrays[f"check_train/{e}"] - arrays[f"ref/{e}"][:64]).max() for e in EMBEDDINGS
+    )
     log.info("embedded %d images in %.0f s", n_images, time.perf_counter() - t0)
-    log.info("reference check: max |recomputed - stored| UAE feature = %.2e", diff)
+    log.info("reference check: max |recomputed - stored| feature = %.2e", diff)
     np.savez_compressed(cache, **arrays)
     return cache
 
@@ -339,25 +354,29 @@ def _task(job: tuple[str, int, int, str, int]) -> list[dict[str, object]]:
     group, n, n_windows, cache, seed = job
     data = _load(cache)
     testers, baselines = _testers(cache)
-    reference = {emb: data[f"ref/{emb}"] for emb in ("uae", "bbsd")}
-    pool_u, pool_b = data[f"{group}/uae"], data[f"{group}/bbsd"]
+    reference = {emb: data[f"ref/{emb}"] for emb in EMBEDDINGS}
+    pools = {emb: data[f"{group}/{emb}"] for emb in EMBEDDINGS}
     rng = np.random.default_rng([seed, zlib.crc32(group.encode()), n])
     rows: list[dict[str, object]] = []
     for w in range(n_windows):
-        idx = _draw(rng, len(pool_u), n, False)  # replaces only when n > pool
-        for emb, pool in (("uae", pool_u), ("bbsd", pool_b)):
+        idx = _draw(rng, len(pools["uae"]), n, False)  # replaces only when n > pool
+        for emb, pool in pools.items():
             cur = pool[idx]
             for res in testers[emb].test(cur, seed=w):
                 rows.append(_row(group, n, w, f"{emb}-{res.method}", res.score, res.drifted))
             if emb == "bbsd":
                 (res,) = testers[COMPONENTS_ONLY].test(cur, seed=w)
                 rows.append(_row(group, n, w, f"bbsd-{COMPONENTS_ONLY}", res.score, res.drifted))
-            for name, (score, drifted) in baselines[emb].decide(cur).items():
-                rows.append(_row(group, n, w, f"{emb}-{name}", score, drifted))
-        # the shipped rule: check_drift itself, alarm pair at alpha / 2 each
+            if emb in baselines:
+                for name, (score, drifted) in baselines[emb].decide(cur).items():
+                    rows.append(_row(group, n, w, f"{emb}-{name}", score, drifted))
+        # the shipped rule: check_drift itself, its alarm tests at alpha / 3 each
+        window = Window(
+            pools["uae"][idx], pools["bbsd"][idx], None, None, hidden=pools["hidden"][idx]
+        )
         check = check_drift(
             reference,
-            Window(pool_u[idx], pool_b[idx], None, None),
+            window,
             _META,
             methods=DEFAULT_METHODS,
             alarm_methods=DEFAULT_METHODS,
@@ -388,7 +407,7 @@ def _load(cache: str) -> dict[str, np.ndarray]:
     if cache not in _DATA:
         with np.load(cache) as npz:
             data = {k: npz[k] for k in npz.files}
-        for emb in ("uae", "bbsd"):
+        for emb in EMBEDDINGS:
             data[f"heldout/{emb}"] = np.concatenate(
                 [data[f"heldout_{part}/{emb}"] for part in ("val", "test", "extra")]
             )
@@ -403,6 +422,7 @@ def _testers(cache: str) -> tuple[dict[str, DriftTester], dict[str, Baselines]]:
             "uae": DriftTester(data["ref/uae"], OURS["uae"]),
             "bbsd": DriftTester(data["ref/bbsd"], OURS["bbsd"], ks_entropy=True),
             COMPONENTS_ONLY: DriftTester(data["ref/bbsd"], ("ks",)),
+            "hidden": DriftTester(data["ref/hidden"], OURS["hidden"]),
         }
         _TESTERS[cache] = (
             testers,
@@ -472,8 +492,8 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 def _method_order(method: str) -> tuple[int, int]:
     emb, name = method.split("-", 1)
-    names = list(OURS[emb]) + ([COMPONENTS_ONLY] if emb == "bbsd" else []) + list(BASELINES[emb])
-    return (0 if emb == "uae" else 1, names.index(name) if name in names else 99)
+    names = [*OURS[emb], *([COMPONENTS_ONLY] if emb == "bbsd" else []), *BASELINES.get(emb, ())]
+    return (EMBEDDINGS.index(emb), names.index(name) if name in names else 99)
 
 
 def _is_ours(method: str) -> bool:
@@ -513,7 +533,8 @@ def report(
         "",
         runtime,
         "",
-        "Methods: `uae-*` / `bbsd-*` = embedding. Ours (`cvops.monitor.stats`, alpha 0.05, "
+        "Methods: `uae-*` / `bbsd-*` / `hidden-*` = embedding (`hidden`: the classifier's "
+        "pooled conv features). Ours (`cvops.monitor.stats`, alpha 0.05, "
         "calibrated per window): `mmd` (permutation MMD², 100 permutations, reference subsample "
         "1000), `ks` (per-component KS, Bonferroni; on BBSD the softmax components plus their "
         "entropy; `bbsd-ks-components`: the components only), `distance` (mean-embedding distance, "

@@ -1,5 +1,7 @@
-"""Probe (not shipped): would a third monitored embedding, the classifier's penultimate layer,
-close the out-of-sample power gap of ``drift_fresh.md`` (blur/medium 0.90, noise/medium 0.76)?
+"""The probe behind the monitor's third embedding: which classifier layer (``--layer``; -2 the
+penultimate dense layer, -4 the pooled conv features, now shipped as ``hidden``) closes the
+out-of-sample power gap of the softmax pair (blur/medium 0.90, noise/medium 0.76 at n = 500)?
+Works on models trained before the pooled layer was named (it indexes layers).
 
 Uses the images ``drift_power_fresh.py`` rendered (``--work``, ``--seed``) and the same model.
 Reference: the penultimate-layer features of the training images that are not in the
