@@ -19,26 +19,35 @@ def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
     raise ValueError(f"model {model.name} has no Conv2D layer for Grad-CAM")
 
 
-def gradient_model(model: keras.Model) -> keras.Model:
-    """One model giving (last conv activations, class probabilities)."""
-    return keras.Model(model.input, [last_conv_layer(model).output, model.output])
+def gradient_model(model: keras.Model, extra_outputs: tuple = ()) -> keras.Model:
+    """One model giving (last conv activations, class probabilities, *extra_outputs): extra
+    layer outputs (the drift monitor's hidden features) come from the same forward pass."""
+    return keras.Model(model.input, [last_conv_layer(model).output, model.output, *extra_outputs])
 
 
 def gradcam(grad_model: keras.Model, images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(probabilities (n, classes), heatmaps (n, h', w') in [0, 1]) for the predicted classes.
+    """(probabilities (n, classes), heatmaps (n, h', w') in [0, 1]) for the predicted classes."""
+    probs, cams, _ = gradcam_and_extras(grad_model, images)
+    return probs, cams
+
+
+def gradcam_and_extras(
+    grad_model: keras.Model, images: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+    """`gradcam` plus the grad model's extra outputs.
 
     Images in a batch are independent, so the gradient of the summed class scores gives every
     image's own gradient in one backward pass.
     """
     with tf.GradientTape() as tape:
-        conv, probs = grad_model(images, training=False)
+        conv, probs, *extras = grad_model(images, training=False)
         predicted = tf.argmax(probs, axis=1, output_type=tf.int32)
         scores = tf.gather(probs, predicted, axis=1, batch_dims=1)
     grads = tape.gradient(scores, conv)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))
     peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-    return probs, tf.math.divide_no_nan(cam, peak)
+    return probs, tf.math.divide_no_nan(cam, peak), extras
 
 
 def heatmap_to_image(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from cvops.model.drift import build_hidden
-from cvops.model.gradcam import gradcam, gradient_model
+from cvops.model.gradcam import gradcam_and_extras, gradient_model
 from cvops.storage import MODELS_DIR, CentralStorage, ModelMetadata, StoragePathError, read_metadata
 
 log = logging.getLogger(__name__)
@@ -103,15 +103,13 @@ def compile_inference(
     """One traced step: probabilities + Grad-CAM, UAE, BBSD and (when the model has the layer)
     hidden features for a batch; without the layer the hidden features are (batch, 0)."""
     h, w = meta.input_size.h, meta.input_size.w
-    grad_model = gradient_model(model)
+    # hidden features from the Grad-CAM forward pass: no second pass through the conv trunk
+    grad_model = gradient_model(model, (hidden.output,) if hidden is not None else ())
 
     @tf.function(input_signature=[tf.TensorSpec((None, h, w, 3), tf.float32)])
     def step(images: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        probs, cams = gradcam(grad_model, images)
-        if hidden is not None:
-            feats = hidden(images, training=False)
-        else:
-            feats = tf.zeros((tf.shape(images)[0], 0), tf.float32)
+        probs, cams, extras = gradcam_and_extras(grad_model, images)
+        feats = extras[0] if extras else tf.zeros((tf.shape(images)[0], 0), tf.float32)
         return probs, uae(images, training=False), bbsd(images, training=False), feats, cams
 
     def infer(batch: np.ndarray) -> tuple[np.ndarray, ...]:
