@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 
 from alembic import command
@@ -58,7 +59,7 @@ class ApiLog(Base):
     __tablename__ = "api_log"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    method: Mapped[str] = mapped_column(String(10))
+    method: Mapped[str] = mapped_column(String(32))  # VARCHAR(10) refused "UNSUBSCRIBE"
     url: Mapped[str] = mapped_column(Text)
     status: Mapped[int] = mapped_column(Integer)
     message: Mapped[str | None] = mapped_column(Text)
@@ -78,6 +79,20 @@ class Feedback(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     prediction_id: Mapped[str] = mapped_column(String(36), index=True)
     label: Mapped[str] = mapped_column(String(200))
+    created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class DeadLetter(Base):
+    """A record the database refused (never retried): its kind, the reason and the payload as
+    JSON, so that an operator can see it, fix it and insert it by hand."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    record_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
     created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
@@ -103,11 +118,20 @@ class DriftReport(Base):
     drifted: Mapped[bool] = mapped_column(Boolean)
 
 
+def private_file(path: Path) -> None:
+    """Create `path` (if missing) readable by its owner only: these files hold uploads."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url.removeprefix("sqlite:///"))
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(path)
     args = {"connect_timeout": 3} if url.startswith("postgresql") else {"timeout": 10}
     return create_engine(url, pool_pre_ping=True, connect_args=args)
 

@@ -57,6 +57,12 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.dead_letters = Counter(
+            "cvops_dead_letters",
+            "Records the prediction DB refused, kept in dead_letters (table or file)",
+            ["kind"],
+            registry=r,
+        )
 
         drift_labels = ["model", "embedding", "method"]
         self.drift_score = Gauge(

@@ -17,16 +17,32 @@ import os
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
-from cvops.service.db import ApiLog, Feedback, Prediction, make_engine, upgrade_schema
+from cvops.service.db import (
+    ApiLog,
+    DeadLetter,
+    Feedback,
+    Prediction,
+    make_engine,
+    private_file,
+    upgrade_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +52,82 @@ TABLES: dict[str, Table] = {
     "feedback": Feedback.__table__,  # type: ignore[dict-item]
 }
 DATETIME_FIELDS = ("created_on",)
+URL_FIELDS = ("url",)
+DEAD_LETTER_FILE = "dead_letters.jsonl"
+# SQLSTATE classes worth retrying the same batch for: connection exception, transaction
+# rollback (deadlock, serialization), insufficient resources, operator intervention (shutdown),
+# system error. Anything else is about the records themselves.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# SQLite's counterparts: locked or busy, I/O, disk full, cannot open
+TRANSIENT_SQLITE_ERRORS = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_FULL",
+    "SQLITE_CANTOPEN",
+    "SQLITE_PROTOCOL",
+    "SQLITE_NOMEM",
+)
+
+
+def db_unreachable(err: BaseException) -> bool:
+    """True when the same batch can succeed later (database down, restarting, busy);
+    False when the database refused the records themselves."""
+    if isinstance(err, (DisconnectionError, PoolTimeout)):
+        return True
+    if not isinstance(err, DBAPIError):
+        return False  # a value that cannot even be bound, a bad timestamp, ...
+    if err.connection_invalidated:
+        return True
+    sqlstate = getattr(err.orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES
+    sqlite_error = getattr(err.orig, "sqlite_errorname", None)
+    if sqlite_error:
+        return sqlite_error.startswith(TRANSIENT_SQLITE_ERRORS)
+    # no SQLSTATE: a client-side failure of the driver (connection refused, lost)
+    return isinstance(err, (OperationalError, InterfaceError))
+
+
+def refusal_reason(err: BaseException) -> str:
+    """The database's own message, one line, without the SQL and its parameters (images)."""
+    detail = str(err.orig) if isinstance(err, DBAPIError) else f"{type(err).__name__}: {err}"
+    first = detail.strip().splitlines()[0] if detail.strip() else type(err).__name__
+    return first.replace("\x00", "")[:500]
+
+
+def storable(table: Table, row: dict[str, Any]) -> dict[str, Any]:
+    """Values made storable without losing meaning: Postgres text cannot hold NUL, so a NUL
+    in a URL is percent-encoded (as it came over the wire) and dropped elsewhere; a string
+    longer than its column is cut to fit (ids never are: they are ours)."""
+    out = dict(row)
+    for name, value in row.items():
+        if not isinstance(value, str) or name not in table.c:
+            continue
+        if "\x00" in value:
+            value = value.replace("\x00", "%00" if name in URL_FIELDS else "")
+        length = getattr(table.c[name].type, "length", None)
+        if length and len(value) > length and not table.c[name].primary_key:
+            value = value[:length]
+        out[name] = value
+    return out
 
 
 class Spool:
     """An append-only local queue in one SQLite file, locked by its owner process."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.chmod(0o700)  # it holds uploaded images
         self.path = path
-        self._lock_file = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - held for life
-        fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_file = os.fdopen(lock_fd, "a+")  # held for life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise
+        private_file(path)  # SQLite gives its -wal and -shm files the same mode
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -97,8 +179,8 @@ class Spool:
         self._lock_file.close()
 
 
-def _row(payload: dict[str, Any]) -> dict[str, Any]:
-    row = dict(payload)
+def _row(table: Table, payload: dict[str, Any]) -> dict[str, Any]:
+    row = storable(table, payload)
     for name in DATETIME_FIELDS:
         if isinstance(row.get(name), str):
             row[name] = dt.datetime.fromisoformat(row[name])
@@ -110,7 +192,7 @@ def write_batch(engine: Engine, records: list[tuple[str, dict[str, Any]]]) -> No
     insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     with engine.begin() as conn:
         for kind in ("prediction", "api_log", "feedback"):  # parents first (api_log -> predictions)
-            rows = [_row(p) for k, p in records if k == kind]
+            rows = [_row(TABLES[kind], p) for k, p in records if k == kind]
             if rows:
                 conn.execute(insert(TABLES[kind]).on_conflict_do_nothing(), rows)
 
@@ -119,7 +201,13 @@ class Recorder:
     """Owns this worker's spool and the flusher thread."""
 
     def __init__(
-        self, db_url: str, spool_dir: Path, *, batch_size: int = 200, interval_s: float = 0.5
+        self,
+        db_url: str,
+        spool_dir: Path,
+        *,
+        batch_size: int = 200,
+        interval_s: float = 0.5,
+        on_dead_letter: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = make_engine(db_url)
         self.spool_dir = spool_dir
@@ -131,6 +219,8 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="db-flusher", daemon=True)
         self._schema_ready = False
         self.db_available = False
+        self.dead_letters = 0
+        self._on_dead_letter = on_dead_letter
 
     def record(self, records: list[tuple[str, dict[str, Any]]]) -> None:
         self.spool.put(records)
@@ -164,10 +254,86 @@ class Recorder:
             self._schema_ready = True
         moved = 0
         while batch := spool.take(self.batch_size):
-            write_batch(self.engine, [(kind, payload) for _, kind, payload in batch])
+            self._write_or_split([(kind, payload) for _, kind, payload in batch])
             spool.delete_upto(batch[-1][0])
             moved += len(batch)
         return moved
+
+    def _write_or_split(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write a batch; if the database refuses it (and is not simply unreachable), halve it
+        until the refused records are isolated and dead-lettered. Halves keep spool order, so
+        a prediction is still written before its api_log row."""
+        try:
+            write_batch(self.engine, records)
+        except Exception as err:
+            if db_unreachable(err):
+                raise
+            if len(records) == 1:
+                kind, payload = records[0]
+                self.dead_letter(kind, payload, refusal_reason(err))
+                return
+            middle = len(records) // 2
+            self._write_or_split(records[:middle])
+            self._write_or_split(records[middle:])
+
+    def dead_letter(self, kind: str, payload: dict[str, Any], reason: str) -> None:
+        """Keep a record the database will never accept, with the reason, where an operator
+        finds it: the `dead_letters` table, else a 0600 JSON-lines file beside the spool."""
+        record_id = str(payload.get("id") or uuid.uuid4())
+        try:
+            self._dead_letter_db(kind, record_id, payload, reason)
+            where = "table dead_letters"
+        except Exception as err:
+            if db_unreachable(err):
+                raise  # keep it spooled; it is retried (and judged again) when the DB is back
+            self._dead_letter_file(kind, payload, reason, refusal_reason(err))
+            where = str(self.spool_dir / DEAD_LETTER_FILE)
+        self.dead_letters += 1
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(kind)
+        log.error(
+            "Prediction DB refused a %s record (id %s): %s; kept in %s",
+            kind,
+            record_id,
+            reason,
+            where,
+        )
+
+    def _dead_letter_db(
+        self, kind: str, record_id: str, payload: dict[str, Any], reason: str
+    ) -> None:
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        row = {
+            "id": record_id,
+            "kind": kind,
+            "record_id": record_id,
+            "reason": reason,
+            "payload": json.dumps(payload, default=str),  # ASCII: NULs escaped
+            "created_on": dt.datetime.now(dt.UTC),
+        }
+        with self.engine.begin() as conn:
+            conn.execute(insert(DeadLetter.__table__).on_conflict_do_nothing(), [row])
+
+    def _dead_letter_file(
+        self, kind: str, payload: dict[str, Any], reason: str, table_error: str
+    ) -> None:
+        path = self.spool_dir / DEAD_LETTER_FILE
+        line = json.dumps(
+            {
+                "kind": kind,
+                "reason": reason,
+                "dead_letter_table_error": table_error,
+                "created_on": dt.datetime.now(dt.UTC).isoformat(),
+                "record": payload,
+            },
+            default=str,
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _orphans(self) -> list[Spool]:
         mine = self.spool.path

@@ -71,7 +71,11 @@ class ServiceState:
             max_wait_s=settings.batch_max_wait_ms / 1000,
             on_batch=self.metrics.batch_size.observe,
         )
-        self.recorder = Recorder(settings.resolved_db_url, settings.spool_dir)
+        self.recorder = Recorder(
+            settings.resolved_db_url,
+            settings.spool_dir,
+            on_dead_letter=lambda kind: self.metrics.dead_letters.labels(kind).inc(),
+        )
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
 
