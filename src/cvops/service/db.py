@@ -71,13 +71,14 @@ class ApiLog(Base):
 
 
 class Feedback(Base):
-    """A true label for a prediction. No foreign key on purpose: the prediction may still be
-    spooled in another worker when its feedback arrives."""
+    """The true label of a prediction: one per prediction, the latest sent wins. No foreign
+    key on purpose: the prediction may still be spooled in another worker when its feedback
+    arrives."""
 
     __tablename__ = "feedback"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    prediction_id: Mapped[str] = mapped_column(String(36), index=True)
+    prediction_id: Mapped[str] = mapped_column(String(36), index=True, unique=True)
     label: Mapped[str] = mapped_column(String(200))
     created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
 

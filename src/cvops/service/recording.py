@@ -9,6 +9,7 @@ a dead worker are adopted by the next flusher that can lock them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -16,12 +17,13 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import (
@@ -188,13 +190,36 @@ def _row(table: Table, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_batch(engine: Engine, records: list[tuple[str, dict[str, Any]]]) -> None:
-    """Insert a batch in one transaction; rows already there are skipped (exactly once)."""
+    """Insert a batch in one transaction; rows already there are skipped (exactly once), and a
+    prediction's feedback replaces an older label (one label per prediction, the latest wins)."""
     insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     with engine.begin() as conn:
         for kind in ("prediction", "api_log", "feedback"):  # parents first (api_log -> predictions)
             rows = [_row(TABLES[kind], p) for k, p in records if k == kind]
-            if rows:
-                conn.execute(insert(TABLES[kind]).on_conflict_do_nothing(), rows)
+            if not rows:
+                continue
+            statement = insert(TABLES[kind])
+            if kind == "feedback":
+                rows = _latest_per_prediction(rows)
+                newer = statement.excluded.created_on >= TABLES[kind].c.created_on
+                statement = statement.on_conflict_do_update(
+                    index_elements=["prediction_id"],
+                    set_={c: statement.excluded[c] for c in ("id", "label", "created_on")},
+                    where=newer,
+                )
+            else:
+                statement = statement.on_conflict_do_nothing()
+            conn.execute(statement, rows)
+
+
+def _latest_per_prediction(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One feedback row per prediction within a batch (an upsert cannot touch a row twice)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        seen = latest.get(row["prediction_id"])
+        if seen is None or row["created_on"] >= seen["created_on"]:
+            latest[row["prediction_id"]] = row
+    return list(latest.values())
 
 
 class Recorder:
@@ -228,6 +253,48 @@ class Recorder:
 
     def pending(self) -> int:
         return self.spool.pending()
+
+    def prediction_known(self, prediction_id: str, settle_s: float = 1.0) -> bool | None:
+        """Whether a prediction with this id exists: in the DB or still in a spool of this
+        host. None when the DB cannot tell (down). Rechecked for `settle_s`, because the
+        answer to /predict can reach a client before its record reaches the spool."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            if not self.db_available:
+                return None
+            try:
+                with self.engine.connect() as conn:
+                    found = conn.execute(
+                        select(Prediction.id).where(Prediction.id == prediction_id)
+                    ).first()
+            except SQLAlchemyError as err:
+                log.debug("cannot tell whether prediction %s exists: %s", prediction_id, err)
+                return None
+            if found is not None or self._in_spools(prediction_id):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def _in_spools(self, prediction_id: str) -> bool:
+        # a prediction payload starts with its id (see routes.prediction_record)
+        prefix = json.dumps({"id": prediction_id})[:-1] + "%"
+        query = "SELECT 1 FROM spool WHERE kind = 'prediction' AND payload LIKE ? LIMIT 1"
+        for path in self.spool_dir.glob("spool-*.db"):
+            try:
+                if path == self.spool.path:
+                    with self.spool._mutex:
+                        hit = self.spool._db.execute(query, (prefix,)).fetchone()
+                else:
+                    with contextlib.closing(
+                        sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+                    ) as db:
+                        hit = db.execute(query, (prefix,)).fetchone()
+            except sqlite3.Error:
+                continue  # a spool being removed or not yet created
+            if hit:
+                return True
+        return False
 
     def start(self) -> None:
         self._thread.start()

@@ -185,10 +185,15 @@ async def update_model(metadata_file: str, state: State) -> UpdateModelResponse:
 async def feedback(
     prediction_id: uuid.UUID, body: FeedbackRequest, request: Request, state: State
 ) -> FeedbackResponse:
-    """Store the true label of a prediction; the monitor reports live accuracy from these."""
+    """Store the true label of a prediction (one per prediction: sending again replaces it);
+    the monitor reports live accuracy from these. 404 when the prediction database says no
+    such prediction exists; accepted unchecked while it is unreachable."""
     model = state.model
     if model is not None and body.label not in model.classes:
         raise HTTPException(422, f"label {body.label!r} is not one of {model.classes}")
+    known = await asyncio.to_thread(state.recorder.prediction_known, str(prediction_id))
+    if known is False:
+        raise HTTPException(404, f"no prediction with id {prediction_id}")
     request.state.extra_records = [
         (
             "feedback",
