@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from cvops.service.limits import too_large_response
 from cvops.service.nginx import (
     SITE_TEMPLATE,
     NginxConfig,
@@ -23,18 +25,22 @@ from cvops.service.nginx import (
     template_text,
     write_config,
 )
+from cvops.service.settings import ServiceSettings
+from tests.nginx_helpers import StubUpstream, running, wait_up
 from tests.service.conftest import ServiceProcess, free_port, image_bytes
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 NEEDED = {"NGINX_PORT": "8081", "SERVICE_UPSTREAM": "127.0.0.1:8080"}
+BODY_LIMIT = "CVOPS_SERVICE_MAX_BODY_BYTES"
 
 
 def test_template_substitutes_only_placeholders(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "ngx", {**NEEDED, "NGINX_MAX_BODY_SIZE": "3M"}, env={})
+    config = write_config(tmp_path / "ngx", {**NEEDED, BODY_LIMIT: "3000000"}, env={})
     site = (config.conf.parent / "default.conf").read_text()
     assert "listen 127.0.0.1:8081;" in site
     assert "server 127.0.0.1:8080;" in site
-    assert "client_max_body_size 3M;" in site
+    assert "client_max_body_size 3000000;" in site
     for header in ("Host", "X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto"):
         assert f"proxy_set_header {header} $" in site
     assert "$remote_addr" in site and "$proxy_add_x_forwarded_for" in site  # nginx's own vars
@@ -51,9 +57,39 @@ def test_template_substitutes_only_placeholders(tmp_path: Path) -> None:
 def test_missing_or_unsafe_variable_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(NginxConfigError, match="missing variable.*SERVICE_UPSTREAM"):
         write_config(tmp_path, {"NGINX_PORT": "8081"}, env={})
-    with pytest.raises(NginxConfigError, match="NGINX_MAX_BODY_SIZE"):
-        values = nginx_variables({**NEEDED, "NGINX_MAX_BODY_SIZE": "1M; x"}, env={})
+    with pytest.raises(NginxConfigError, match="NGINX_PROXY_TIMEOUT"):
+        values = nginx_variables({**NEEDED, "NGINX_PROXY_TIMEOUT": "1s; x"}, env={})
         render(template_text(SITE_TEMPLATE), values)
+    with pytest.raises(NginxConfigError, match=BODY_LIMIT):
+        nginx_variables({**NEEDED, BODY_LIMIT: "1M; x"}, env={})
+
+
+def site_text(config: NginxConfig) -> str:
+    return (config.conf.parent / "default.conf").read_text()
+
+
+def test_body_limit_is_the_service_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One limit: nginx refuses exactly what the service would, from the service's setting."""
+    default = ServiceSettings.model_fields["max_body_bytes"].default
+    assert f"client_max_body_size {default};" in site_text(
+        write_config(tmp_path / "default", NEEDED, env={})
+    )
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv(BODY_LIMIT, "4096")
+    monkeypatch.delenv("NGINX_MAX_BODY_SIZE", raising=False)
+    assert ServiceSettings().max_body_bytes == 4096
+    from_env = write_config(tmp_path / "env", NEEDED)  # the environment, as the service reads it
+    assert "client_max_body_size 4096;" in site_text(from_env)
+    assert "(limit 4096 bytes)" in site_text(from_env)
+    # An explicit nginx size is accepted only when it says the same; otherwise a clear error.
+    same = write_config(tmp_path / "same", {**NEEDED, "NGINX_MAX_BODY_SIZE": "4k"})
+    assert "client_max_body_size 4096;" in site_text(same)
+    with pytest.raises(NginxConfigError, match=f"NGINX_MAX_BODY_SIZE=200M.*{BODY_LIMIT}=4096"):
+        write_config(
+            tmp_path / "differ", NEEDED, env={"NGINX_MAX_BODY_SIZE": "200M", BODY_LIMIT: "4096"}
+        )
+    with pytest.raises(NginxConfigError, match=BODY_LIMIT):
+        write_config(tmp_path / "bad", {**NEEDED, BODY_LIMIT: "0"}, env={})
 
 
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
@@ -61,6 +97,33 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
         pytest.fail("nginx is not installed (make system-deps)")
     config = write_config(tmp_path / "ngx", {**NEEDED, "NGINX_PORT": str(free_port())}, env={})
     assert "syntax is ok" in config.check()
+
+
+# --- real nginx in front of a stand-in upstream (fast) ----------------------------------------
+
+
+def test_body_over_the_service_limit_is_refused_by_nginx(nginx_binary: str, prefix: Path) -> None:
+    """nginx answers 413 itself, in the service's JSON shape, before a byte reaches the service."""
+    limit = 100_000
+    with StubUpstream() as upstream:
+        port = free_port()
+        config = write_config(
+            prefix,
+            {"NGINX_PORT": str(port), "SERVICE_UPSTREAM": upstream.address},
+            env={BODY_LIMIT: str(limit)},
+            nginx=nginx_binary,
+        )
+        with running(config, port) as base:
+            at_limit = httpx.post(f"{base}/predict", content=b"x" * limit, timeout=30)
+            assert at_limit.status_code == 200 and upstream.seen[-1] == ("POST", "/predict", limit)
+            reached = len(upstream.seen)
+            for body in (b"x" * (limit + 1), iter([b"x" * limit, b"y"])):  # declared, chunked
+                over = httpx.post(f"{base}/predict", content=body, timeout=30)
+                assert over.status_code == 413, over.text
+                assert over.headers["content-type"] == "application/json"
+                assert over.json() == json.loads(too_large_response(limit).body)  # the service's
+            assert len(upstream.seen) == reached, "a refused body reached the service"
+        assert f"client_max_body_size {limit};" in site_text(config)
 
 
 # --- real nginx in front of real gunicorn workers -------------------------------------------
@@ -108,34 +171,21 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def wait_up(base: str, proc: subprocess.Popen[bytes], config: NginxConfig) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            httpx.get(f"{base}/health_check", timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError("nginx did not start:\n" + config.error_log.read_text()[-3000:])
-
-
 @pytest.mark.slow
 def test_prediction_through_nginx(
     nginx_binary: str, prefix: Path, storage_root: Path, tmp_path: Path
 ) -> None:
-    with ServiceProcess(storage_root, tmp_path) as service:
+    limit = {BODY_LIMIT: str(1024 * 1024)}
+    with ServiceProcess(storage_root, tmp_path, **limit) as service:
         port = free_port()
         config = write_config(
             prefix,
             {
                 "NGINX_PORT": str(port),
                 "SERVICE_UPSTREAM": f"127.0.0.1:{service.port}",
-                "NGINX_MAX_BODY_SIZE": "1M",
                 "NGINX_WORKER_PROCESSES": "2",
             },
-            env={},
+            env=limit,
             nginx=nginx_binary,
         )
         base = f"http://127.0.0.1:{port}"

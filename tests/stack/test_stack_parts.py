@@ -4,22 +4,28 @@ package), secrets, and a real supervisord reporting a program that fails to star
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from cvops.cli import app
+from cvops.service.nginx import NginxConfig
 from cvops.stack import programs
 from cvops.stack.manager import LocalStack, log_tail, resolve_secrets
 from cvops.stack.postgres import StackError
 from cvops.stack.programs import Service
 from cvops.stack.settings import StackSettings
 from cvops.stack.supervisor import Program
+from tests.nginx_helpers import StubUpstream, free_port, running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_env_example_holds_the_defaults() -> None:
     example = StackSettings(_env_file=REPO / ".env.example")
     assert example.ports() == StackSettings(_env_file=None).ports()
+    assert example.service_max_body_bytes == StackSettings(_env_file=None).service_max_body_bytes
     assert example.postgres_password is None  # empty secret: generated, not ""
 
 
@@ -111,3 +118,56 @@ def test_failing_program_reported_with_reason_and_log_tail(tmp_path: Path) -> No
     assert killed == [] and stack.supervisor.pid() is None
     with pytest.raises(ProcessLookupError):
         os.kill(echo_pid, 0)
+
+
+# --- the stack's nginx: API port and web UI port ----------------------------------------------
+
+
+@pytest.fixture()
+def open_state_dir() -> Iterator[Path]:
+    """Outside pytest's 0700 tmp: a root master's nginx workers (`nobody`) must reach it."""
+    path = Path(tempfile.mkdtemp(prefix="cvops-stack-nginx-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def stack_with_stub(state_dir: Path, upstream: StubUpstream, **fields: object) -> StackSettings:
+    return StackSettings(
+        _env_file=None,
+        state_dir=state_dir,
+        service_port=upstream.port,
+        nginx_port=free_port(),
+        webui_port=free_port(),
+        **fields,
+    )
+
+
+def stack_nginx(settings: StackSettings) -> NginxConfig:
+    programs.write_nginx_config(settings)
+    prefix = settings.stack_dir / "nginx"
+    return NginxConfig(prefix, prefix / "conf" / "nginx.conf", shutil.which("nginx") or "nginx")
+
+
+def test_one_body_limit_for_service_and_nginx(
+    open_state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CVOPS_SERVICE_MAX_BODY_BYTES sets the service's limit and both nginx ports'."""
+    monkeypatch.setenv("CVOPS_SERVICE_MAX_BODY_BYTES", "50000")
+    if not shutil.which("nginx"):
+        pytest.fail("nginx is not installed (make system-deps)")
+    with StubUpstream() as upstream:
+        settings = stack_with_stub(open_state_dir, upstream)
+        assert settings.service_max_body_bytes == 50_000
+        secrets = programs.Secrets("pg", "jupyter", "token")
+        service = next(s for s in programs.services(settings, secrets, REPO) if s.name == "service")
+        assert service.program is not None
+        assert service.program.env["CVOPS_SERVICE_MAX_BODY_BYTES"] == "50000"
+        config = stack_nginx(settings)
+        with running(config, settings.webui_port):
+            for port in (settings.nginx_port, settings.webui_port):
+                base = f"http://127.0.0.1:{port}"
+                assert httpx.post(f"{base}/predict", content=b"x" * 50_000).status_code == 200
+                over = httpx.post(f"{base}/predict", content=b"x" * 50_001)
+                assert over.status_code == 413
+                assert over.json() == {"detail": "request body too large (limit 50000 bytes)"}

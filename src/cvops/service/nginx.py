@@ -8,12 +8,20 @@ official nginx image. Only upper-case braced names are placeholders: nginx's own
 `write_config(prefix, ...)` writes a complete config for `nginx -p PREFIX/ -c CONF -e LOG`
 (`daemon off;`, pid file, logs and every temp path under PREFIX), so nginx runs in the
 foreground under a supervisor or a test, with no root-owned files touched.
+
+The body limit is the service's own setting, `CVOPS_SERVICE_MAX_BODY_BYTES` (the template's
+placeholder has that name, so docker's envsubst fills it from the same variable): nginx refuses
+what the service would refuse, before buffering it. `NGINX_MAX_BODY_SIZE`, the former separate
+setting, is still read but must say the same: two limits that differ are an error, because
+either the nginx one is larger (uploads buffered to disk only to be refused) or smaller (nginx
+refuses what the service accepts), and silently preferring one hides the mistake.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import string
 import subprocess
 from collections.abc import Mapping
@@ -21,19 +29,24 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from cvops.service.settings import ServiceSettings
+
 log = logging.getLogger(__name__)
 
 MAIN_TEMPLATE = "nginx.conf.template"
 SITE_TEMPLATE = "default.conf.template"
+WEBUI_TEMPLATE = "webui.conf.template"
 USER_DIRECTIVE = "NGINX_USER_DIRECTIVE"  # set by write_config, never by the environment
 DEFAULTS: dict[str, str] = {
     "NGINX_LISTEN_HOST": "127.0.0.1",
-    "NGINX_MAX_BODY_SIZE": "200M",  # the reference's limit
     "NGINX_PROXY_CONNECT_TIMEOUT": "5s",
     "NGINX_PROXY_TIMEOUT": "300s",
     "NGINX_WORKER_PROCESSES": "auto",
 }
 FORBIDDEN_CHARS = frozenset(";{}'\"\\\n\r\t ")
+BODY_LIMIT = "CVOPS_SERVICE_MAX_BODY_BYTES"  # the service's setting, also nginx's limit
+LEGACY_BODY_SIZE = "NGINX_MAX_BODY_SIZE"  # accepted only when it equals BODY_LIMIT
+NGINX_SIZE = re.compile(r"(\d+)([kKmMgG]?)")
 
 
 class NginxConfigError(ValueError):
@@ -81,18 +94,57 @@ def render(text: str, variables: Mapping[str, str], name: str = "template") -> s
     return template.substitute(variables)
 
 
+def nginx_size_bytes(size: str) -> int | None:
+    """An nginx size (`1048576`, `512k`, `20M`, `1g`) in bytes; None if it is not one."""
+    match = NGINX_SIZE.fullmatch(size.strip())
+    if match is None:
+        return None
+    return int(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ")
+
+
+def _body_limit(values: dict[str, str], legacy: str | None) -> str:
+    """The validated byte limit; an explicit nginx size must agree with it (see module doc)."""
+    raw = values[BODY_LIMIT]
+    if not raw.isdigit() or int(raw) < 1:
+        raise NginxConfigError(f"{BODY_LIMIT}={raw!r} must be a positive whole number of bytes")
+    if legacy is not None and nginx_size_bytes(legacy) != int(raw):
+        raise NginxConfigError(
+            f"{LEGACY_BODY_SIZE}={legacy} differs from {BODY_LIMIT}={raw}: nginx's limit is the "
+            f"service's; unset {LEGACY_BODY_SIZE} (or make it equal)"
+        )
+    return str(int(raw))
+
+
 def nginx_variables(
     overrides: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """Template values: defaults, then the environment, then explicit overrides."""
+    """Template values: defaults, then the environment, then explicit overrides.
+
+    The body limit, when neither gives it, is the service's as the service resolves it: from
+    the environment and `.env` when `env` is None, else the setting's default.
+    """
+    overrides = overrides or {}
+    use_environ = env is None
     env = os.environ if env is None else env
-    known = set(placeholders(template_text(MAIN_TEMPLATE))) | set(
-        placeholders(template_text(SITE_TEMPLATE))
-    )
+    known = {
+        name
+        for template in (MAIN_TEMPLATE, SITE_TEMPLATE, WEBUI_TEMPLATE)
+        for name in placeholders(template_text(template))
+    }
     known.discard(USER_DIRECTIVE)
     values = dict(DEFAULTS)
     values.update({key: env[key] for key in known if key in env})
-    values.update(overrides or {})
+    values.update({key: value for key, value in overrides.items() if key != LEGACY_BODY_SIZE})
+    if BODY_LIMIT not in values:
+        limit = (
+            ServiceSettings().max_body_bytes
+            if use_environ
+            else ServiceSettings.model_fields["max_body_bytes"].default
+        )
+        values[BODY_LIMIT] = str(limit)
+    values[BODY_LIMIT] = _body_limit(
+        values, overrides.get(LEGACY_BODY_SIZE, env.get(LEGACY_BODY_SIZE))
+    )
     return values
 
 

@@ -258,7 +258,8 @@ def services(settings: StackSettings, secrets: Secrets, project_dir: Path) -> li
                     str(s.service_workers),
                 ],
                 directory=project_dir,
-                env=cvops_env,
+                # the one body limit: nginx (both ports) refuses the same bodies up front
+                env={**cvops_env, "CVOPS_SERVICE_MAX_BODY_BYTES": str(s.service_max_body_bytes)},
                 stop_wait_secs=40,
             ),
             "Model service (gunicorn)",
@@ -389,7 +390,8 @@ def _nginx_command(settings: StackSettings, prefix: Path) -> list[str]:
 
 
 def write_nginx_config(settings: StackSettings) -> None:
-    """nginx in front of the service, plus the web UI's own port."""
+    """nginx in front of the service (the whole API), plus the web UI's own port (the page and
+    /predict only); both with the service's body limit."""
     from cvops.service import nginx
 
     s = settings
@@ -398,14 +400,15 @@ def write_nginx_config(settings: StackSettings) -> None:
         "NGINX_PORT": str(s.nginx_port),
         "NGINX_LISTEN_HOST": s.bind_host,
         "WEBUI_PORT": str(s.webui_port),
+        nginx.BODY_LIMIT: str(s.service_max_body_bytes),
     }
     config = nginx.write_config(
         s.stack_dir / "nginx", values, env={}, nginx=shutil.which("nginx") or "nginx"
     )
     extra = config.prefix / "conf" / "extra"
     extra.mkdir(exist_ok=True)
-    variables = {**nginx.nginx_variables(values, env={})}
-    webui = nginx.render(nginx.template_text("webui.conf.template"), variables, "webui")
+    variables = nginx.nginx_variables(values, env={})
+    webui = nginx.render(nginx.template_text(nginx.WEBUI_TEMPLATE), variables, "webui")
     (extra / "webui.conf").write_text(webui, encoding="utf-8")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cvops.service.settings import ServiceSettings
+
 
 def _port(default: int, description: str) -> int:
     return Field(default=default, ge=1, le=65535, description=description)
@@ -47,6 +49,12 @@ class StackSettings(BaseSettings):
     prefect_port: int = _port(4200, "Prefect server (API and UI)")
     service_port: int = _port(4242, "model service (gunicorn), reached through nginx")
     service_workers: int = Field(default=2, ge=1, le=32)
+    service_max_body_bytes: int = Field(
+        default=ServiceSettings.model_fields["max_body_bytes"].default,
+        ge=1,
+        validation_alias=AliasChoices("CVOPS_SERVICE_MAX_BODY_BYTES", "service_max_body_bytes"),
+        description="Largest request body (bytes): the service's limit and nginx's, both ports",
+    )
     nginx_port: int = _port(8080, "nginx in front of the model service (the API)")
     webui_port: int = _port(4243, "web UI (served through nginx)")
     evidently_ui_port: int = _port(8000, "Evidently UI on the monitor's workspace")
