@@ -481,8 +481,9 @@ def test_servers_listen_on_their_container_port_on_all_interfaces() -> None:
         if name == "jupyter":
             text = jupyter_script
         ports = {int(port) for port in listen.findall(text)}
-        if "NGINX_PORT" in environment(service):
-            ports.add(int(environment(service)["NGINX_PORT"]))
+        for listen_port in ("NGINX_PORT", "WEBUI_PORT"):  # the nginx templates' listen ports
+            if listen_port in environment(service):
+                ports.add(int(environment(service)[listen_port]))
         assert ports <= container_ports(service), f"{name}: listens on {ports}"
         for host in re.findall(r"--(?:host[= ]|ServerApp\.ip=)(\S+)", text):
             assert host == "0.0.0.0", f"{name}: --host {host} is unreachable from other containers"
@@ -681,29 +682,43 @@ def test_healthchecks_probe_the_servers_own_port() -> None:
 
 
 def test_nginx_services_fill_every_template_variable() -> None:
-    """The official image's envsubst leaves an unset ${NAME} as is: nginx would not start."""
-    copy = next(line for line in dockerfile_lines(NGINX_DOCKERFILE) if line.startswith("COPY"))
-    source, target = copy.split()[1:]
-    assert source == f"src/cvops/service/nginx/{service_nginx.SITE_TEMPLATE}"
-    assert target == f"/etc/nginx/templates/{service_nginx.SITE_TEMPLATE}"
-    template = (REPO / source).read_text()
-    needed = set(service_nginx.placeholders(template))
+    """The official image's envsubst leaves an unset ${NAME} as is: nginx would not start.
+    nginx renders the API's site template, webui (its own template folder) the web UI's."""
+    copies = {}
+    for line in dockerfile_lines(NGINX_DOCKERFILE):
+        if line.startswith("COPY"):
+            source, target = line.split()[1:]
+            copies[str(Path(target).parent)] = source
+    assert copies == {
+        "/etc/nginx/templates": f"src/cvops/service/nginx/{service_nginx.SITE_TEMPLATE}",
+        "/etc/nginx/templates-webui": f"src/cvops/service/nginx/{service_nginx.WEBUI_TEMPLATE}",
+    }
     nginx_services = built_from(NGINX_DOCKERFILE.resolve())
     assert set(nginx_services) == {"nginx", "webui"}
+    listen = {"nginx": "NGINX_PORT", "webui": "WEBUI_PORT"}
     for name, service in nginx_services.items():
         env = environment(service)
+        template_dir = env.pop("NGINX_ENVSUBST_TEMPLATE_DIR", "/etc/nginx/templates")
+        template = (REPO / copies[template_dir]).read_text()
+        needed = set(service_nginx.placeholders(template))
         assert set(env) == needed, f"{name}: environment must set exactly {sorted(needed)}"
         service_nginx.render(template, env, name)  # rejects empty or unsafe values
         for key, default in service_nginx.DEFAULTS.items():
             if key in env and key != "NGINX_LISTEN_HOST":
                 assert env[key] == default, f"{name}: {key}={env[key]}, the service uses {default}"
-        assert int(env["NGINX_PORT"]) in container_ports(service)
+        # nginx's limit is the service's, from the same .env variable
+        limit = service_nginx.BODY_LIMIT
+        assert env[limit] == environment(services()["service"])[limit] == env_example()[limit]
+        assert int(env[listen[name]]) in container_ports(service)
     # webui listens on the web UI's default port; nginx on the API's.
-    ports = {name: int(environment(s)["NGINX_PORT"]) for name, s in nginx_services.items()}
+    ports = {name: int(environment(s)[listen[name]]) for name, s in nginx_services.items()}
     assert ports == {
         "nginx": StackSettings.model_fields["nginx_port"].default,
         "webui": StackSettings.model_fields["webui_port"].default,
     }
+    assert "NGINX_MAX_BODY_SIZE" not in compose_text(), (
+        "one body limit: CVOPS_SERVICE_MAX_BODY_BYTES"
+    )
 
 
 # ---------------------------------------------------------------- Postgres init script

@@ -149,6 +149,43 @@ def stack_nginx(settings: StackSettings) -> NginxConfig:
     return NginxConfig(prefix, prefix / "conf" / "nginx.conf", shutil.which("nginx") or "nginx")
 
 
+def test_webui_port_serves_only_the_page_and_predict(open_state_dir: Path) -> None:
+    """The UI port is public-facing: the page and /predict, never admin, metrics or the docs."""
+    if not shutil.which("nginx"):
+        pytest.fail("nginx is not installed (make system-deps)")
+    with StubUpstream() as upstream:
+        settings = stack_with_stub(open_state_dir, upstream)
+        config = stack_nginx(settings)
+        with running(config, settings.webui_port) as ui:
+            for path in ("/", "/ui"):
+                page = httpx.get(ui + path, timeout=10)
+                assert page.status_code == 200 and upstream.paths()[-1] == path
+            for path in ("/predict", "/predict/"):
+                answer = httpx.post(ui + path, files={"file": ("a.png", b"png")}, timeout=10)
+                assert answer.status_code == 200 and upstream.paths()[-1] == path
+            reached = len(upstream.seen)
+            refused = [
+                ("GET", "/metrics"),
+                ("PUT", "/update_model/x.yaml"),
+                ("GET", "/docs"),
+                ("GET", "/openapi.json"),
+                ("GET", "/health_check"),
+                ("POST", "/feedback/0f8fad5b-d9cb-469f-a165-70867728950e"),
+                ("GET", "/predict/../metrics"),
+                ("GET", "/%6detrics"),
+                ("GET", "/predictx"),
+            ]
+            for method, path in refused:
+                answer = httpx.request(method, ui + path, timeout=10)
+                assert answer.status_code == 404, (method, path, answer.text)
+                assert answer.json() == {"detail": "Not Found"}
+            assert len(upstream.seen) == reached, upstream.seen[reached:]
+            # The API port still serves everything.
+            api = f"http://127.0.0.1:{settings.nginx_port}"
+            assert httpx.get(api + "/metrics", timeout=10).status_code == 200
+            assert upstream.paths()[-1] == "/metrics"
+
+
 def test_one_body_limit_for_service_and_nginx(
     open_state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
