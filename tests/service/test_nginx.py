@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,42 @@ def test_body_over_the_service_limit_is_refused_by_nginx(nginx_binary: str, pref
                 assert over.json() == json.loads(too_large_response(limit).body)  # the service's
             assert len(upstream.seen) == reached, "a refused body reached the service"
         assert f"client_max_body_size {limit};" in site_text(config)
+
+
+def test_logs_and_temp_dirs_are_private(nginx_binary: str, prefix: Path) -> None:
+    """Logs (client addresses, paths) and buffered uploads are readable by their owner only."""
+    (prefix / "logs").mkdir()
+    (prefix / "logs" / "access.log").write_text("from an older config\n")
+    (prefix / "logs" / "access.log").chmod(0o644)
+    with StubUpstream() as upstream:
+        port = free_port()
+        config = write_config(
+            prefix,
+            {"NGINX_PORT": str(port), "SERVICE_UPSTREAM": upstream.address},
+            env={},
+            nginx=nginx_binary,
+        )
+        with running(config, port) as base:
+            big = httpx.post(f"{base}/predict", content=os.urandom(200_000), timeout=30)
+            assert big.status_code == 200  # buffered to tmp/client_body by a worker
+            assert "buffered to a temporary file" in config.error_log.read_text()
+    modes = {
+        path: path.stat().st_mode & 0o777
+        for path in (
+            prefix / "logs",
+            config.error_log,
+            config.access_log,
+            prefix / "tmp",
+            prefix / "tmp" / "client_body",
+            prefix / "tmp" / "proxy",
+        )
+    }
+    expected = {path: 0o600 if path.is_file() else 0o700 for path in modes}
+    assert modes == expected, {str(p): oct(m) for p, m in modes.items()}
+    assert "POST /predict" in config.access_log.read_text()
+    if os.geteuid() == 0:  # a root master's workers (`nobody`) own the folders they write
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert (prefix / "tmp").stat().st_uid == nobody
 
 
 # --- real nginx in front of real gunicorn workers -------------------------------------------

@@ -7,7 +7,9 @@ official nginx image. Only upper-case braced names are placeholders: nginx's own
 
 `write_config(prefix, ...)` writes a complete config for `nginx -p PREFIX/ -c CONF -e LOG`
 (`daemon off;`, pid file, logs and every temp path under PREFIX), so nginx runs in the
-foreground under a supervisor or a test, with no root-owned files touched.
+foreground under a supervisor or a test, with no root-owned files touched. Logs (client
+addresses, paths) and the temp folders (buffered upload bodies) are private, like the rest of
+the state: folders 0700, log files 0600.
 
 The body limit is the service's own setting, `CVOPS_SERVICE_MAX_BODY_BYTES` (the template's
 placeholder has that name, so docker's envsubst fills it from the same variable): nginx refuses
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import re
 import string
 import subprocess
@@ -47,6 +50,7 @@ FORBIDDEN_CHARS = frozenset(";{}'\"\\\n\r\t ")
 BODY_LIMIT = "CVOPS_SERVICE_MAX_BODY_BYTES"  # the service's setting, also nginx's limit
 LEGACY_BODY_SIZE = "NGINX_MAX_BODY_SIZE"  # accepted only when it equals BODY_LIMIT
 NGINX_SIZE = re.compile(r"(\d+)([kKmMgG]?)")
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
 class NginxConfigError(ValueError):
@@ -198,6 +202,33 @@ def _traversable_by_others(path: Path) -> bool:
     return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents))
 
 
+def _private_dir(path: Path, owner: int = -1) -> None:
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    path.chmod(PRIVATE_DIR)  # also when an older config left it open
+    if owner != -1:
+        os.chown(path, owner, -1)
+
+
+def _private_file(path: Path) -> None:
+    """Created 0600 before nginx opens it: nginx creates its logs 0644 and keeps an existing
+    file's mode (it opens them for append)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE))
+    path.chmod(PRIVATE_FILE)
+
+
+def _worker_uid(user: str | None) -> int:
+    """Who a root master's workers run as (the `user` directive, else nginx's `nobody`); -1 if
+    the master is not root (workers are the same user) or the name is unknown."""
+    if os.geteuid() != 0:
+        return -1
+    name = (user or "nobody").split()[0]
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        log.warning("nginx worker user %r does not exist: tmp/ stays the master's", name)
+        return -1
+
+
 def write_config(
     prefix: Path,
     variables: Mapping[str, str] | None = None,
@@ -210,21 +241,25 @@ def write_config(
 
     `user`: the `user` directive, only meaningful when the master runs as root. Left out, the
     workers of a root master run as nginx's built-in default (`nobody`), which then needs to
-    reach `prefix/tmp` (large uploads are buffered there): every parent folder must be
-    traversable by others.
+    reach `prefix/tmp` (large uploads are buffered there): tmp/ (0700) is handed to the worker
+    user and every parent folder must be traversable by others. logs/ stays the master's: it
+    opens the logs and the workers inherit them.
     """
     prefix = Path(prefix).resolve()
     values = nginx_variables(variables, env)
     values[USER_DIRECTIVE] = f"user {user};" if user else "# no user directive (see write_config)"
     conf_dir = prefix / "conf"
-    for folder in (conf_dir, prefix / "logs", prefix / "tmp"):
-        folder.mkdir(parents=True, exist_ok=True)
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(prefix / "logs")
+    _private_dir(prefix / "tmp", owner=_worker_uid(user))
+    for log_file in ("error.log", "access.log"):
+        _private_file(prefix / "logs" / log_file)
     site = render(template_text(SITE_TEMPLATE), values, SITE_TEMPLATE)
     main = render(template_text(MAIN_TEMPLATE), values, MAIN_TEMPLATE)
     (conf_dir / "default.conf").write_text(site, encoding="utf-8")
     conf = conf_dir / "nginx.conf"
     conf.write_text(main, encoding="utf-8")
-    if os.geteuid() == 0 and user is None and not _traversable_by_others(prefix / "tmp"):
+    if os.geteuid() == 0 and user is None and not _traversable_by_others(prefix):
         log.warning(
             "nginx workers will run as 'nobody' but cannot reach %s: uploads larger than the "
             "client body buffer will fail; use a prefix others can traverse or pass user=",
