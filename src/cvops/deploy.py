@@ -116,28 +116,44 @@ def rollback(
     token: str | None,
     set_variables: bool = True,
 ) -> str:
-    """Serve the previous champion again: registry aliases, model service, Prefect Variable."""
-    from cvops.storage import CentralStorage
+    """Serve the previous champion again: registry aliases, model service, Prefect Variable.
+
+    The package is found by the registry version's run id, not by its version number alone
+    (another registry sharing central storage has its own "v1"), and the service must answer
+    with that run id; the summary names the metadata file and the run."""
+    from cvops.storage import CentralStorage, PackageNotFoundError
 
     storage = CentralStorage(storage_root)
-    previous = champion_version(client, model_name, PREVIOUS)
-    if previous is None:
-        raise RuntimeError(f"{model_name}: nothing to roll back to (no '{PREVIOUS}' alias)")
-    metadata_file = CentralStorage.versioned_metadata_file(model_name, previous)
-    if not storage.metadata_path(metadata_file).is_file():
-        raise RuntimeError(f"{model_name} v{previous}: {metadata_file} is not in central storage")
+    try:
+        previous = client.get_model_version_by_alias(model_name, PREVIOUS)
+    except MlflowException:
+        message = f"{model_name}: nothing to roll back to (no '{PREVIOUS}' alias)"
+        raise RuntimeError(message) from None
+    version, run_id = str(previous.version), previous.run_id
+    try:
+        metadata_file = storage.find_version(model_name, version, run_id)
+    except PackageNotFoundError as err:
+        raise RuntimeError(f"cannot roll back: {err}") from None
     steps = []
     if url:
         result = update_service_model(url, metadata_file, token)
+        served = result.get("mlflow_run_id", run_id)  # older services do not report it
+        if served != run_id:
+            raise RuntimeError(
+                f"{url} loaded {result.get('metadata_file')} of run {served}, not run {run_id}"
+            )
         steps.append(f"{url} serves v{result['model_version']}")
     rollback_aliases(client, model_name)
-    steps.append(f"registry champion v{previous}")
+    steps.append(f"registry champion v{version}")
     if set_variables:
         set_prefect_variables(
             metadata_file, os.environ.get("CVOPS_MONITOR_POOL", "production-model-pool")
         )
         steps.append(f"Prefect Variable {VARIABLE_METADATA_FILE}={metadata_file}")
-    summary = f"Rolled back {model_name} to v{previous}: " + "; ".join(steps)
+    summary = (
+        f"Rolled back {model_name} to v{version} (run {run_id}, {metadata_file}): "
+        + "; ".join(steps)
+    )
     log.info(summary)
     return summary
 

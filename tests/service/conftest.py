@@ -37,10 +37,12 @@ def package(
     seed: int,
     size: int = 50,
     hidden_layer: str | None = "features",
+    run_id: str | None = None,
 ) -> str:
     """An untrained but complete package (model, UAE, BBSD, reference data, metadata);
     version None: not in the model registry (the deploy step then sets no alias);
-    hidden_layer None: a model whose hidden features are not monitored."""
+    hidden_layer None: a model whose hidden features are not monitored; run_id: the MLflow
+    run that registered it (its files are built under `_build/<name>/<version>-<run_id>`)."""
     keras.utils.set_random_seed(seed)
     model = build_model((size, size), len(CLASSES))
     uae, bbsd = build_uae((size, size), 32, seed=seed), build_bbsd(model)
@@ -48,15 +50,15 @@ def package(
     ref = reference_frame(uae(x).numpy(), bbsd(x).numpy(), np.arange(8) % 3, CLASSES)
     drift = DriftDetectionConfig(hidden_layer=hidden_layer)
     names = CentralStorage.artifact_names(name, drift)
-    files = save_package(
-        storage_root / "_build" / name / (version or "none"), name, names, model, uae, bbsd, ref
-    )
+    build = storage_root / "_build" / name / "-".join(filter(None, (version or "none", run_id)))
+    files = save_package(build, name, names, model, uae, bbsd, ref)
     meta = ModelMetadata(
         model_name=name,
         input_size=InputSize(w=size, h=size),
         classes=CLASSES,
         drift_detection=drift,
         version=version,
+        mlflow_run_id=run_id,
         created_on=utc_now(),
         **names,
     )

@@ -41,6 +41,8 @@ def test_health_and_ready(client) -> None:
         "model_loaded": True,
         "model_name": "shapes_a",
         "model_version": "1",
+        "metadata_file": "shapes_a.yaml",
+        "mlflow_run_id": None,
     }
     assert client.get("/ready").status_code == 200
 

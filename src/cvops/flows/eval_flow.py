@@ -106,12 +106,12 @@ def eval_flow(config: dict[str, Any]) -> dict[str, Any]:
     write_metadata(meta_path, meta)
     if meta.version:  # keep the immutable copy's metrics in step (used by rollbacks)
         pinned = storage.metadata_path(
-            CentralStorage.versioned_metadata_file(meta.model_name, meta.version)
-        )
-        if pinned.is_file():
-            write_metadata(
-                pinned, read_metadata(pinned).model_copy(update={"metrics": meta.metrics})
+            CentralStorage.versioned_metadata_file(
+                meta.model_name, meta.version, meta.mlflow_run_id
             )
+        )
+        if pinned.is_file() and (copy := read_metadata(pinned)).mlflow_run_id == meta.mlflow_run_id:
+            write_metadata(pinned, copy.model_copy(update={"metrics": meta.metrics}))
     link = tracking.run_link(run_id, settings)
     if link.startswith("http"):
         create_link_artifact(link, link_text="MLflow evaluation run", key="mlflow-eval-run")

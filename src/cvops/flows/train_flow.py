@@ -167,6 +167,9 @@ def package_model(
         "model_name": name,
         "model_version": version,
         "metadata_file": meta_path.name,
+        "versioned_metadata_file": (
+            CentralStorage.versioned_metadata_file(name, version, run_id) if version else None
+        ),
         "metadata_path": str(meta_path.relative_to(storage.root)),
         **names,
     }

@@ -51,6 +51,12 @@ class LoadedModel:
         return str(self.metadata.version or self.metadata.created_on)
 
     @property
+    def run_id(self) -> str | None:
+        """The MLflow run that made the model: with the metadata file, what names it exactly
+        (registry versions repeat across registries sharing central storage)."""
+        return self.metadata.mlflow_run_id
+
+    @property
     def size(self) -> tuple[int, int]:
         return self.metadata.input_size.h, self.metadata.input_size.w
 
@@ -88,7 +94,12 @@ def load_model(storage: CentralStorage, metadata_file: str) -> LoadedModel:
         raise ModelLoadError(f"cannot load model {metadata_file}: {err}", 422) from None
     infer = compile_inference(model, uae, bbsd, meta, hidden)
     log.info(
-        "Loaded %s v%s in %.2f s", meta.model_name, meta.version, time.perf_counter() - started
+        "Loaded %s v%s (run %s) from %s in %.2f s",
+        meta.model_name,
+        meta.version,
+        meta.mlflow_run_id,
+        metadata_file,
+        time.perf_counter() - started,
     )
     return LoadedModel(metadata_file, meta, infer, time.time())
 

@@ -65,6 +65,8 @@ async def health_check(state: State) -> Health:
         model_loaded=model is not None,
         model_name=model.name if model else None,
         model_version=model.version if model else None,
+        metadata_file=model.metadata_file if model else None,
+        mlflow_run_id=model.run_id if model else None,
     )
 
 

@@ -27,6 +27,7 @@ class UpdateModelResponse(BaseModel):
     model_name: str
     model_version: str
     metadata_file: str
+    mlflow_run_id: str | None = Field(None, description="MLflow run of the loaded model")
     generation: int
     workers: int
     workers_pending: list[int]
@@ -38,6 +39,8 @@ class Health(BaseModel):
     model_loaded: bool
     model_name: str | None = None
     model_version: str | None = None
+    metadata_file: str | None = Field(None, description="central storage models/ file served")
+    mlflow_run_id: str | None = Field(None, description="MLflow run of the served model")
 
 
 class ErrorResponse(BaseModel):

@@ -183,6 +183,7 @@ class ServiceState:
             "model_name": model.name,
             "model_version": model.version,
             "metadata_file": metadata_file,
+            "mlflow_run_id": model.run_id,
             "generation": pointer.generation,
             "workers": len(acks),
             "workers_pending": behind,
