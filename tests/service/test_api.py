@@ -43,6 +43,7 @@ def test_health_and_ready(client) -> None:
         "model_version": "1",
         "metadata_file": "shapes_a.yaml",
         "mlflow_run_id": None,
+        "instance_id": None,
     }
     assert client.get("/ready").status_code == 200
 
@@ -225,3 +226,47 @@ def test_latest_drift_scores_exposed_as_gauges(settings, storage_root) -> None:
             time.sleep(0.2)
         assert 'cvops_drift_score{embedding="uae",method="mmd",model="shapes_a"}' in body
         assert 'cvops_drift_detected{embedding="bbsd",method="ks",model="shapes_a"}' in body
+
+
+def test_openapi_schema_says_what_is_accepted(
+    settings, storage_root, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generated clients know the constraints: a non-empty file, a `<name>.yaml` metadata file
+    and a label among the served model's classes (which change with the model)."""
+    import re
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from cvops.service.app import create_app
+    from tests.service import conftest
+
+    storage = tmp_path / "cs"
+    shutil.copytree(storage_root, storage)
+    fruit = ["apple", "pear", "plum"]
+    monkeypatch.setattr(conftest, "CLASSES", fruit)
+    conftest.package(storage, "fruit", "1", seed=3)
+    with TestClient(create_app(settings.model_copy(update={"central_storage_path": storage}))) as c:
+        schema = c.get("/openapi.json").json()
+        components = schema["components"]["schemas"]
+        body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        file = components[body["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]["file"]
+        assert file["format"] == "binary" and file["minLength"] == 1
+        empty = c.post("/predict", files={"file": ("x.png", b"")})
+        assert empty.status_code == 422 and "empty" in empty.json()["detail"]
+
+        (param,) = schema["paths"]["/update_model/{metadata_file}"]["put"]["parameters"]
+        pattern = param["schema"]["pattern"]
+        names = ("a.yaml", "A-1_b.c.yml", ".a.yaml", "a.txt", "a b.yaml", "-a.yaml", "a.yaml.bak")
+        for name in names:  # the service refuses exactly what the pattern does
+            matches = re.search(pattern, name) is not None
+            answer = c.put(f"/update_model/{name}", headers=AUTH)
+            assert answer.status_code == (404 if matches else 400), (name, answer.text)
+        # JSON Schema's `$` is the end of the string (Python's also matches before a final \n)
+        assert c.put("/update_model/a.yaml%0A", headers=AUTH).status_code == 400
+
+        label = components["FeedbackRequest"]["properties"]["label"]
+        assert label["enum"] == CLASSES
+        assert c.put("/update_model/fruit.yaml", headers=AUTH).status_code == 200
+        label = c.get("/openapi.json").json()["components"]["schemas"]["FeedbackRequest"]
+        assert label["properties"]["label"]["enum"] == fruit  # not cached across the swap

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,8 +64,11 @@ class RequestLogMiddleware(BaseHTTPMiddleware):
                     },
                 )
             )
-            # Off the request path: the spool write (fsync) runs in a thread, not awaited.
-            asyncio.get_running_loop().run_in_executor(None, state.recorder.record, records)
+            # On disk before the answer leaves: a worker killed after answering loses nothing.
+            try:
+                await asyncio.wrap_future(state.recorder.submit(records))
+            except Exception:  # the answer is ready; say loudly that its record is not
+                log.exception("request records could not be spooled (%s)", request.url.path)
         return response
 
 
@@ -75,6 +80,26 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "request"
         reasons.append(f"{where}: {error.get('msg', 'invalid')}")
     return JSONResponse({"detail": "; ".join(reasons)}, status_code=422)
+
+
+def model_aware_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi` plus what only the served model knows: a feedback `label` is one of its
+    classes (an `enum`, so generated clients know). Built per call from FastAPI's cached static
+    schema, never cached itself: PUT /update_model changes the classes."""
+    static = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = static()
+        state: ServiceState | None = getattr(app.state, "svc", None)
+        model = state.model if state is not None else None
+        if model is None:
+            return schema
+        schema = copy.deepcopy(schema)
+        label = schema["components"]["schemas"]["FeedbackRequest"]["properties"]["label"]
+        label["enum"] = list(model.classes)
+        return schema
+
+    return openapi
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -102,4 +127,5 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(router)
     app.include_router(webui_router)
+    app.openapi = model_aware_openapi(app)  # type: ignore[method-assign]
     return app

@@ -67,7 +67,7 @@ class LoadedModel:
 
 def check_metadata_name(metadata_file: str, storage: CentralStorage) -> None:
     """Only a plain file name inside central storage models/ (no traversal, no subfolders)."""
-    if not METADATA_NAME.match(metadata_file):
+    if not METADATA_NAME.fullmatch(metadata_file):  # JSON Schema `$`: no trailing newline
         raise ModelLoadError(
             f"invalid metadata file name {metadata_file!r}: expected <model_name>.yaml", 400
         )

@@ -11,14 +11,14 @@ import uuid
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Path, Request, UploadFile
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cvops.model.gradcam import colorize, heatmap_to_image, overlay
 from cvops.model.preprocess import preprocess_image, resize_and_scale
 from cvops.service.images import TF_DECODABLE, BadImage, png_base64, read_upload
-from cvops.service.model_store import LoadedModel, ModelLoadError
+from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.schemas import (
     ErrorResponse,
     FeedbackRequest,
@@ -99,7 +99,13 @@ def _render(rgb: np.ndarray, result: InferenceResult) -> tuple[str, str]:
 async def predict(
     request: Request,
     state: State,
-    file: Annotated[UploadFile, File(description="image (JPEG, PNG, BMP, GIF, WebP, TIFF)")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="image (JPEG, PNG, BMP, GIF, WebP, TIFF), not empty",
+            json_schema_extra={"format": "binary", "minLength": 1},
+        ),
+    ],
 ) -> PredictResponse:
     """Class probabilities, Grad-CAM heatmap, UAE and BBSD features for one image."""
     model = state.model
@@ -168,7 +174,16 @@ def prediction_record(response: PredictResponse, data: bytes | None) -> dict[str
     dependencies=[Depends(require_admin)],
     tags=["admin"],
 )
-async def update_model(metadata_file: str, state: State) -> UpdateModelResponse:
+async def update_model(
+    metadata_file: Annotated[
+        str,
+        Path(
+            description="`<model_name>.yaml` in central storage models/; other names are a 400",
+            json_schema_extra={"pattern": METADATA_NAME.pattern},  # checked by load_model
+        ),
+    ],
+    state: State,
+) -> UpdateModelResponse:
     """Serve another packaged model (a metadata file in central storage `models/`) in every
     worker. Returns once all workers serve it; a failed load keeps the old model."""
     try:
