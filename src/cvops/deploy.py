@@ -302,20 +302,15 @@ def schedule_monitor(
     return str(deployment_id)
 
 
-def service_answers(url: str, path: str = "/health_check", timeout: float = 2) -> bool:
-    try:
-        return httpx.get(f"{url.rstrip('/')}{path}", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def local_service(settings: Any) -> tuple[str, str] | None:
-    """Embedded mode's background service, if it runs: (URL, admin token)."""
-    from cvops.background import SERVICE, Background, service_token
+    """Embedded mode's background service, if it runs and answers as itself (its recorded
+    port and instance id, never whatever holds the default port): (URL, admin token)."""
+    from cvops.background import is_ours, service_record, service_token
 
-    if not Background(SERVICE, Path(settings.state_dir)).alive():
+    record = service_record(Path(settings.state_dir))
+    if record is None or not is_ours(record):
         return None
-    return f"http://127.0.0.1:{settings.service_port}", service_token(Path(settings.state_dir))
+    return record.url, service_token(Path(settings.state_dir))
 
 
 def pool_has_online_worker(pool: str, api_url: str | None = None) -> bool:
@@ -334,39 +329,26 @@ def pool_has_online_worker(pool: str, api_url: str | None = None) -> bool:
 def ensure_local_service(
     settings: Any, metadata_file: str, wait_s: float = 300
 ) -> tuple[str, bool]:
-    """Embedded mode: the background `cvops serve` on loopback, started on `metadata_file` when
-    nothing answers on `settings.service_port`. Returns (URL, started now)."""
-    import time
+    """Embedded mode: this state folder's background `cvops serve` on loopback, found by its
+    recorded port and instance id, else started on `metadata_file` on `settings.service_port`
+    (a free port when another program holds it). Returns (URL, started now)."""
+    from cvops.background import ensure_service
 
-    from cvops.background import SERVICE, Background, service_token
-
-    url = f"http://127.0.0.1:{settings.service_port}"
-    process = Background(SERVICE, Path(settings.state_dir))
-    if service_answers(url):
-        return url, False
-    started = not process.alive()  # alive but silent: a service still starting, wait for it
-    if started:
-        env = {**os.environ, "CVOPS_SERVICE_ADMIN_TOKEN": service_token(Path(settings.state_dir))}
-        process.start(_serve_command(settings, metadata_file), env=env)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if service_answers(url, "/ready"):
-            return url, started
-        if not process.alive():
-            break
-        time.sleep(1)
-    process.stop()
-    tail = process.log_file.read_text(errors="replace")[-2000:] if process.log_file.exists() else ""
-    raise RuntimeError(f"the local model service did not become ready on {url}:\n{tail}")
+    return ensure_service(
+        Path(settings.state_dir),
+        settings.service_port,
+        lambda port: _serve_command(settings, metadata_file, port),
+        wait_s=wait_s,
+    )
 
 
-def _serve_command(settings: Any, metadata_file: str) -> list[str]:
+def _serve_command(settings: Any, metadata_file: str, port: int) -> list[str]:
     from cvops.background import cvops_command
 
     return cvops_command(
         "serve",
         "--port",
-        str(settings.service_port),
+        str(port),
         "--workers",
         str(settings.service_workers),
         "--model",

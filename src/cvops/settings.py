@@ -39,7 +39,11 @@ class Settings(BaseSettings):
         ),
     )
     service_port: int = Field(
-        default=8080, ge=1, le=65535, description="Port of the embedded (background) service."
+        default=8080,
+        ge=1,
+        le=65535,
+        description="Port of the embedded (background) service; a free one when another "
+        "program holds it (the port in use is recorded in the state dir).",
     )
     service_workers: int = Field(default=1, ge=1, description="Workers of the embedded service.")
 

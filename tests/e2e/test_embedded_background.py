@@ -5,9 +5,12 @@ ephemeral mode), says so, and `cvops background --stop` leaves no process behind
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -205,4 +208,101 @@ def test_rollback_reaches_the_background_service(tmp_path: Path, monkeypatch) ->
         assert served() == {"2"}
     finally:
         background.stop_all(state)
+    wait_for(lambda: not processes_with("CVOPS_STATE_DIR", str(state)), 30, "no process left")
+
+
+class ForeignHandler(BaseHTTPRequestHandler):
+    """Another project's model service on the port: healthy, 401 to everything else (its
+    admin token is not ours); every request remembered."""
+
+    def _deny(self) -> None:
+        self.server.seen.append((self.command, self.path))  # type: ignore[attr-defined]
+        healthy = self.command == "GET" and self.path in ("/health_check", "/ready")
+        body = b'{"status": "ok", "model_loaded": true}' if healthy else b'{"detail": "no"}'
+        self.send_response(200 if healthy else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = _deny
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_run_leaves_a_foreign_server_on_the_port_alone(tmp_path: Path) -> None:
+    """Issue 12 item 4: something else answers on CVOPS_SERVICE_PORT. The run starts its own
+    service on another loopback port, says so, never sends the stranger a PUT, a later deploy
+    reuses that service, and `cvops background --stop` stops it."""
+    from cvops import deploy
+    from cvops.settings import Settings
+
+    storage, state = tmp_path / "central_storage", tmp_path / "state"
+    metadata_file = package(storage, NAME, None, seed=4)
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "flow_module": "cvops.flows.deploy_flow",
+                "model": {
+                    "model_name": NAME,
+                    "input_size": {"w": 50, "h": 50},
+                    "classes": ["circle", "square", "triangle"],
+                },
+                "deploy": {"prefect": {"deployment_name": "embedded"}},
+                "monitor": {"cron": "0 0 1 1 *", "workspace": "evidently"},
+            }
+        )
+    )
+    foreign = ThreadingHTTPServer(("127.0.0.1", 0), ForeignHandler)
+    foreign.seen = []  # type: ignore[attr-defined]
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    taken = foreign.server_address[1]
+    env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
+    env.update(
+        CENTRAL_STORAGE_PATH=str(storage),
+        CVOPS_STATE_DIR=str(state),
+        CVOPS_BACKGROUND="true",
+        CVOPS_SERVICE_PORT=str(taken),
+    )
+    try:
+        result = cli(["run", str(config)], env, tmp_path)
+        out = result.stdout + result.stderr
+        assert result.returncode == 0, out[-5000:]
+        assert not [r for r in foreign.seen if r[0] != "GET"], foreign.seen  # type: ignore[attr-defined]
+        found = re.search(rf"http://127\.0\.0\.1:(\d+) serves {NAME}", result.stdout)
+        assert found, result.stdout[-3000:]
+        port = int(found[1])
+        url = f"http://127.0.0.1:{port}"
+        assert port != taken
+        # one line says where and why
+        assert f"Port {taken} on 127.0.0.1 is held by another program" in out, out[-5000:]
+        assert f"model service on {url} instead" in out
+
+        record = background.service_record(state)
+        assert record is not None and record.port == port
+        health = httpx.get(f"{url}/health_check", timeout=5).json()
+        assert health["instance_id"] == record.instance_id and health["model_name"] == NAME
+
+        # a later deploy (and rollback, the monitor's retraining) finds it there: no second one
+        settings = Settings(
+            state_dir=state, central_storage_path=storage, service_port=taken, background=True
+        )
+        pid = background.Background(background.SERVICE, state).pid()
+        assert deploy.ensure_local_service(settings, metadata_file) == (url, False)
+        assert background.Background(background.SERVICE, state).pid() == pid
+        assert deploy.local_service(settings) == (url, background.service_token(state))
+
+        shown = cli(["background"], env, tmp_path)
+        assert f"service pid {pid}" in shown.stdout and url in shown.stdout, shown.stdout
+        stopped = cli(["background", "--stop"], env, tmp_path)
+        assert "stopped: service, monitor-scheduler" in stopped.stdout, stopped.stderr[-3000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health_check", timeout=2)
+        assert not [r for r in foreign.seen if r[0] != "GET"], foreign.seen  # type: ignore[attr-defined]
+    finally:
+        background.stop_all(state)
+        foreign.shutdown()
+        foreign.server_close()
     wait_for(lambda: not processes_with("CVOPS_STATE_DIR", str(state)), 30, "no process left")

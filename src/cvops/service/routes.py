@@ -67,6 +67,7 @@ async def health_check(state: State) -> Health:
         model_version=model.version if model else None,
         metadata_file=model.metadata_file if model else None,
         mlflow_run_id=model.run_id if model else None,
+        instance_id=state.settings.instance_id,
     )
 
 

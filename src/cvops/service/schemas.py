@@ -41,6 +41,9 @@ class Health(BaseModel):
     model_version: str | None = None
     metadata_file: str | None = Field(None, description="central storage models/ file served")
     mlflow_run_id: str | None = Field(None, description="MLflow run of the served model")
+    instance_id: str | None = Field(
+        None, description="which cvops background service this is (None: not one)"
+    )
 
 
 class ErrorResponse(BaseModel):

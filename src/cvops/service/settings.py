@@ -27,6 +27,11 @@ class ServiceSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for PUT /update_model"
     )
+    instance_id: str | None = Field(
+        default=None,
+        description="Set by cvops on its background service: /health_check returns it, so a "
+        "deploy recognises that service and leaves another program on the port alone",
+    )
     allow_unauthenticated_admin: bool = Field(
         default=False, description="Explicitly allow admin calls without a token (not for prod)"
     )
