@@ -16,8 +16,8 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cvops.model.gradcam import colorize, heatmap_to_image, overlay
-from cvops.model.preprocess import preprocess_image, resize_and_scale
-from cvops.service.images import TF_DECODABLE, BadImage, png_base64, read_upload
+from cvops.model.preprocess import resize_and_scale
+from cvops.service.images import BadImage, fit_within, png_base64, read_upload
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.schemas import (
     ErrorResponse,
@@ -79,14 +79,15 @@ async def ready(state: State) -> Health:
     return await health_check(state)
 
 
-def _prepare(data: bytes, model: LoadedModel, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(original RGB, model input) — the model input through the shared preprocessing."""
-    rgb, fmt = read_upload(data, max_pixels)
-    if fmt in TF_DECODABLE:
-        x = preprocess_image(data, model.size)
-    else:
-        x = resize_and_scale(rgb, model.size)
-    return rgb, x.numpy()
+def _prepare(
+    data: bytes, model: LoadedModel, max_pixels: int, heatmap_side: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image the heatmaps are drawn on, model input), both from one decode of the upload: the
+    model input through the shared `resize_and_scale`, the picture at most `heatmap_side` on its
+    longest side. The full decode is dropped here, before the request waits for its batch."""
+    rgb, _ = read_upload(data, max_pixels, keep_side=max(heatmap_side, *model.size))
+    x = resize_and_scale(rgb, model.size).numpy()
+    return fit_within(rgb, heatmap_side), x
 
 
 def _render(rgb: np.ndarray, result: InferenceResult) -> tuple[str, str]:
@@ -115,7 +116,13 @@ async def predict(
     started = time.perf_counter()
     data = await file.read()
     try:
-        rgb, x = await asyncio.to_thread(_prepare, data, model, state.settings.max_image_pixels)
+        rgb, x = await asyncio.to_thread(
+            _prepare,
+            data,
+            model,
+            state.settings.max_image_pixels,
+            state.settings.heatmap_max_side,
+        )
     except BadImage as err:
         raise HTTPException(err.status, err.reason) from None
     prepared = time.perf_counter()

@@ -37,6 +37,12 @@ class ServiceSettings(BaseSettings):
     )
     max_body_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    heatmap_max_side: int = Field(
+        default=1024,
+        ge=16,
+        description="Longest side of the returned heatmap images (aspect kept); larger uploads"
+        " are also decoded reduced, so time and memory per request stay bounded",
+    )
     batch_max_size: int = Field(default=16, ge=1)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
     reload_poll_s: float = Field(default=0.25, gt=0)
