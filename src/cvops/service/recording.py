@@ -1,6 +1,7 @@
 """Request logging that loses nothing: local durable spool first, database when it answers.
 
-Each worker appends records to its own SQLite spool file (fsync'd, off the request path); a
+Each worker appends records to its own SQLite spool file before the request is answered (so a
+200 survives the worker being killed; concurrent requests share one fsync'd transaction); a
 flusher thread moves them to the prediction DB in batches with `ON CONFLICT DO NOTHING`, so a
 batch re-sent after an outage lands exactly once. If the database is down or slow the service
 keeps answering; records wait in the spool and are written when it is back. Spool files left by
@@ -15,11 +16,13 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +121,7 @@ def storable(table: Table, row: dict[str, Any]) -> dict[str, Any]:
 class Spool:
     """An append-only local queue in one SQLite file, locked by its owner process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fsync: bool = True) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.parent.chmod(0o700)  # it holds uploaded images
         self.path = path
@@ -132,7 +135,9 @@ class Spool:
         private_file(path)  # SQLite gives its -wal and -shm files the same mode
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # FULL: every commit reaches the disk (survives power loss); NORMAL: survives the
+        # process being killed, not the machine losing power
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
             " kind TEXT NOT NULL, payload TEXT NOT NULL)"
@@ -148,8 +153,16 @@ class Spool:
             return None
 
     def put(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        """Append records in one fsync'd transaction, in order (parents before children)."""
-        rows = [(kind, json.dumps(payload, default=str)) for kind, payload in records]
+        self.put_groups([records])
+
+    def put_groups(self, groups: list[list[tuple[str, dict[str, Any]]]]) -> None:
+        """Append the records of many requests in one transaction, in order (parents before
+        children): one commit for all of them."""
+        rows = [
+            (kind, json.dumps(payload, default=str))
+            for records in groups
+            for kind, payload in records
+        ]
         with self._mutex:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO spool (kind, payload) VALUES (?, ?)", rows)
@@ -232,24 +245,60 @@ class Recorder:
         *,
         batch_size: int = 200,
         interval_s: float = 0.5,
+        fsync: bool = True,
         on_dead_letter: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = make_engine(db_url)
         self.spool_dir = spool_dir
-        self.spool = Spool(spool_dir / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.db")
+        self.spool = Spool(spool_dir / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.db", fsync)
         self.batch_size = batch_size
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="db-flusher", daemon=True)
+        self._writes: queue.SimpleQueue[tuple[list[Any], Future[None]] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
+        self._writer.start()
         self._schema_ready = False
         self.db_available = False
         self.dead_letters = 0
         self._on_dead_letter = on_dead_letter
 
+    def submit(self, records: list[tuple[str, dict[str, Any]]]) -> Future[None]:
+        """Queue one request's records for the spool; the future is done once they are on
+        disk. Requests arriving together share one transaction (group commit), so waiting for
+        durability before answering costs one commit per burst, not one per request."""
+        done: Future[None] = Future()
+        self._writes.put((records, done))
+        return done
+
     def record(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        self.spool.put(records)
-        self._wake.set()
+        self.submit(records).result()
+
+    def _write_loop(self) -> None:
+        while (first := self._writes.get()) is not None:
+            batch = [first]
+            stopping = False
+            while len(batch) < 256:
+                try:
+                    item = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                self.spool.put_groups([records for records, _ in batch])
+            except Exception as err:  # disk full, ...: every waiting request hears of it
+                for _, done in batch:
+                    done.set_exception(err)
+            else:
+                for _, done in batch:
+                    done.set_result(None)
+                self._wake.set()
+            if stopping:
+                return
 
     def pending(self) -> int:
         return self.spool.pending()
@@ -300,6 +349,8 @@ class Recorder:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._writes.put(None)  # after every record already submitted
+        self._writer.join(timeout)
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)

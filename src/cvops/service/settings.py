@@ -48,6 +48,11 @@ class ServiceSettings(BaseSettings):
     reload_poll_s: float = Field(default=0.25, gt=0)
     drift_refresh_s: float = Field(default=30.0, gt=0, description="drift gauges refresh period")
     store_images: bool = Field(default=True, description="Keep base64 images in predictions")
+    spool_fsync: bool = Field(
+        default=True,
+        description="fsync each spool commit (survives power loss); false: a commit survives "
+        "the worker being killed but not the machine losing power, and answers sooner",
+    )
 
     @property
     def service_dir(self) -> Path:

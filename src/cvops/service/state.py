@@ -74,6 +74,7 @@ class ServiceState:
         self.recorder = Recorder(
             settings.resolved_db_url,
             settings.spool_dir,
+            fsync=settings.spool_fsync,
             on_dead_letter=lambda kind: self.metrics.dead_letters.labels(kind).inc(),
         )
         self._watcher: asyncio.Task[None] | None = None
