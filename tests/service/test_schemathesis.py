@@ -23,6 +23,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi as schemathesis_asgi
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    positive_data_acceptance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -37,6 +38,22 @@ MAX_EXAMPLES = 140
 MIN_REQUESTS = 500
 AUTH = {"Authorization": "Bearer s3cret"}  # the `settings` fixture's admin token
 PREDICT, UPDATE = "POST /predict", "PUT /update_model/{metadata_file}"
+# What a schema cannot say: whether the bytes of a non-empty `file` are a usable image.
+IMAGE_CONTENT_REJECTIONS = {413, 415, 422}
+
+
+def schema_valid_requests_accepted(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Schemathesis' ST202 (a request the schema calls valid is rejected), except the one
+    rejection no schema can express: a non-empty upload that is not a usable image. An empty
+    file, a name that is not `<name>.yaml` or a label outside the model's classes are in the
+    schema, so the generator never sends them as valid data and they cannot excuse a 4xx."""
+    if (
+        case.operation.label == PREDICT
+        and response.status_code in IMAGE_CONTENT_REJECTIONS
+        and "empty" not in response.json()["detail"]
+    ):
+        return None
+    return positive_data_acceptance(ctx, response, case)
 
 
 @dataclass
@@ -122,6 +139,6 @@ def test_generated_requests_get_no_server_error(app: FastAPI) -> None:
 
 
 def test_generated_requests_get_documented_responses(app: FastAPI) -> None:
-    run = fuzz(app, [response_schema_conformance])
+    run = fuzz(app, [response_schema_conformance, schema_valid_requests_accepted])
     assert not run.failures, run.summary() + "\n\n" + "\n\n".join(run.failures.values())
     assert run.total >= MIN_REQUESTS, run.summary()
