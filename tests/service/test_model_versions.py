@@ -186,3 +186,22 @@ def test_packages_of_earlier_cvops_still_load_and_roll_back(tmp_path: Path) -> N
         deploy.rollback(other, root, NAME, url=None, token=None, set_variables=False)
     assert f"{NAME}-v1.yaml (run {v1[1]})" in str(missing.value)
     assert deploy.champion_version(other, NAME) == "2"  # nothing changed
+
+
+def test_deploy_pins_the_versioned_package_behind_the_mutable_name(tmp_path: Path) -> None:
+    """`<model>.yaml` is rewritten by every publish; the deploy step serves (and names in the
+    Prefect Variable) the immutable package it described at deploy time."""
+    from cvops.flows.deploy_flow import pinned_metadata_file
+
+    storage = CentralStorage(tmp_path)
+    package(tmp_path, "pinned", "1", seed=1, run_id="a" * 32)
+    first = read_metadata(storage.metadata_path("pinned.yaml"))
+    assert pinned_metadata_file(storage, "pinned.yaml", first) == f"pinned-v1-{'a' * 8}.yaml"
+    package(tmp_path, "pinned", "1", seed=2, run_id="b" * 32)  # another registry's v1
+    second = read_metadata(storage.metadata_path("pinned.yaml"))
+    assert pinned_metadata_file(storage, "pinned.yaml", second) == f"pinned-v1-{'b' * 8}.yaml"
+    # what the first deploy pinned still loads the first run's model
+    assert load_model(storage, f"pinned-v1-{'a' * 8}.yaml").run_id == "a" * 32
+    package(tmp_path, "unversioned", None, seed=3)
+    plain = read_metadata(storage.metadata_path("unversioned.yaml"))
+    assert pinned_metadata_file(storage, "unversioned.yaml", plain) == "unversioned.yaml"

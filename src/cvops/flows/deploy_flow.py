@@ -20,7 +20,7 @@ from cvops.flows.common import as_config, step
 from cvops.flows.eval_flow import metadata_file_name
 from cvops.model.evaluate import evaluate_on_split
 from cvops.settings import Settings, get_settings
-from cvops.storage import CentralStorage, ModelMetadata, read_metadata
+from cvops.storage import CentralStorage, ModelMetadata, PackageNotFoundError, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,19 @@ def start_embedded_scheduler(config: dict[str, Any], settings: Settings) -> back
     return process
 
 
+def pinned_metadata_file(storage: CentralStorage, metadata_file: str, meta: ModelMetadata) -> str:
+    """The immutable versioned package behind `<model>.yaml`, which the next training (of any
+    registry sharing this storage, promoted or not) rewrites: deployed by its versioned name,
+    the service (and a worker respawned later) and the monitor keep exactly this model."""
+    if meta.version is None or meta.mlflow_run_id is None:
+        return metadata_file
+    try:
+        return storage.find_version(meta.model_name, meta.version, meta.mlflow_run_id)
+    except PackageNotFoundError as err:
+        log.warning("Deploying %s by its mutable name: %s", metadata_file, err)
+        return metadata_file
+
+
 @flow(name="deploy_flow", log_prints=True)
 def deploy_flow(config: dict[str, Any]) -> dict[str, Any]:
     cfg = as_config(config, "deploy")
@@ -137,6 +150,7 @@ def deploy_flow(config: dict[str, Any]) -> dict[str, Any]:
     storage = CentralStorage(settings.central_storage_path)
     metadata_file = metadata_file_name(cfg)
     meta = read_metadata(storage.metadata_path(metadata_file))
+    metadata_file = pinned_metadata_file(storage, metadata_file, meta)
     gate = promotion_gate(cfg, storage, meta)
     if not gate["promote"]:
         return {"deploy": f"not promoted: {gate['reason']}"}
