@@ -95,7 +95,13 @@ class AugmentationConfig(StrictModel):
 
     enabled: bool = True
     brightness: float = Field(default=0.15, ge=0.0, le=1.0)
-    horizontal_flip: bool = True
+    horizontal_flip: bool = Field(
+        default=True,
+        description="turn off for classes a flip changes (digits, text, left/right signs)",
+    )
+    vertical_flip: bool = Field(
+        default=False, description="only for images without an up (aerial, microscopy, texture)"
+    )
     rotation: float = Field(default=0.05, ge=0.0, le=0.5, description="fraction of a full turn")
     zoom: float = Field(default=0.1, ge=0.0, lt=1.0)
 
@@ -157,12 +163,65 @@ class ValidationGateConfig(StrictModel):
     max_examples: PositiveInt = Field(default=12, description="thumbnails per issue in the report")
 
 
+class EarlyStoppingConfig(StrictModel):
+    """Stop when val_loss stops improving and keep the best epoch's weights, not the last.
+
+    Without a validation split (dataset.val_fraction: 0) it is off, said once in the log: the
+    training loss keeps falling while a model overfits, so it cannot pick the best epoch.
+    """
+
+    enabled: bool = True
+    patience: int = Field(default=5, ge=0, description="epochs without improvement, then stop")
+    min_delta: float = Field(default=0.0, ge=0.0, description="smaller val_loss gains don't count")
+
+
+class LrScheduleConfig(StrictModel):
+    """Learning rate per epoch: `plateau` divides it when val_loss (else loss) stalls,
+    `cosine` decays it from hparams.init_lr over the planned epochs after a linear warm-up."""
+
+    kind: Literal["plateau", "cosine", "none"] = "plateau"
+    factor: float = Field(default=0.5, gt=0.0, lt=1.0, description="plateau: lr *= factor")
+    patience: int = Field(default=2, ge=0, description="plateau: epochs without improvement")
+    min_delta: float = Field(default=1e-4, ge=0.0, description="plateau: smaller gains don't count")
+    min_lr: float = Field(default=1e-6, ge=0.0, description="plateau and cosine: the lowest lr")
+    warmup_epochs: int = Field(default=0, ge=0, description="cosine: epochs rising to init_lr")
+
+
+ClassWeight = Literal["none", "balanced"] | dict[str, PositiveFloat]
+
+
 class TrainConfig(StrictModel):
     hparams: Hparams
     mlflow: MlflowExperiment
     augmentation: AugmentationConfig = AugmentationConfig()
     validation: ValidationGateConfig = ValidationGateConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    lr_schedule: LrScheduleConfig = LrScheduleConfig()
+    class_weight: ClassWeight = Field(
+        default="none",
+        description="loss weight per class: none, balanced (n / (k * count) from the training "
+        "split) or {class: weight} (unnamed classes 1.0)",
+    )
     register_model: bool = True
+
+    @field_validator("class_weight", mode="before")
+    @classmethod
+    def _class_weight_form(cls, value: Any) -> Any:
+        """One clear message instead of one per member of the union."""
+        if value is None:
+            return "none"
+        if isinstance(value, dict):
+            bad = {k: v for k, v in value.items() if isinstance(v, bool) or not _positive(v)}
+            if bad:
+                raise ValueError(f"class weights must be positive numbers, got {bad}")
+            return value
+        if value not in ("none", "balanced"):
+            raise ValueError("expected none, balanced or a mapping {class: weight}")
+        return value
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and value > 0
 
 
 class EvaluateConfig(StrictModel):
@@ -253,6 +312,19 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return f"Invalid config {source}: " + "; ".join(parts)
 
 
+def _check_class_weight(cfg: FlowConfig, source: str) -> None:
+    """Class weights name classes of the model section, which one section cannot check."""
+    weights = cfg.train.class_weight if cfg.train else "none"
+    if not isinstance(weights, dict) or cfg.model is None:
+        return
+    unknown = sorted(set(weights) - set(cfg.model.classes))
+    if unknown:
+        raise ConfigError(
+            f"Invalid config {source}: train.class_weight: classes {unknown} are not in "
+            f"model.classes {cfg.model.classes}"
+        )
+
+
 def parse_config(
     data: dict[str, Any], source: str = "<dict>", *, check_flow_module: bool = True
 ) -> FlowConfig:
@@ -262,6 +334,7 @@ def parse_config(
         cfg = FlowConfig.model_validate({**data, "source": source})
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
+    _check_class_weight(cfg, source)
     if check_flow_module:
         resolve_flow_module(cfg.flow_module, source)
     return cfg

@@ -21,6 +21,7 @@ from cvops.config import FlowConfig
 from cvops.data.dataversion import resolve_data_version
 from cvops.data.validation import DataValidationError, validate_dataset, write_html_report
 from cvops.flows.common import as_config, step
+from cvops.model.callbacks import OUTCOME_KEYS
 from cvops.model.train import Splits, build_detectors, fit_model, load_splits, save_package
 from cvops.settings import Settings, get_settings
 from cvops.storage import CentralStorage, ModelMetadata, utc_now, write_metadata
@@ -52,6 +53,9 @@ def start_run(cfg: FlowConfig, settings: Settings, data_version: dict[str, Any])
     params = {
         **tracking.flat_params("hparams", cfg.train.hparams.model_dump()),
         **tracking.flat_params("augmentation", cfg.train.augmentation.model_dump()),
+        **tracking.flat_params("early_stopping", cfg.train.early_stopping.model_dump()),
+        **tracking.flat_params("lr_schedule", cfg.train.lr_schedule.model_dump()),
+        **tracking.flat_params("", {"class_weight": cfg.train.class_weight}),
         "input_size": f"{cfg.model.input_size.w}x{cfg.model.input_size.h}",
         "n_classes": len(cfg.model.classes),
         "seed": cfg.seed,
@@ -111,12 +115,29 @@ def load_data(cfg: FlowConfig) -> Splits:
     return load_splits(cfg, cfg.dataset.path)
 
 
+class MlflowTrainEnd(keras.callbacks.Callback):
+    """Logs what training reports at the end of a fit (early stopping's best and stopped
+    epoch, see cvops.model.callbacks), one step per fit call of a phased training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fits = 0
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        outcome = {k: float(v) for k, v in (logs or {}).items() if k in OUTCOME_KEYS}
+        if outcome:
+            mlflow.log_metrics(outcome, step=self.fits)
+        self.fits += 1
+
+
 @step("train-model")
 def train_model(cfg: FlowConfig, splits: Splits, run_id: str) -> keras.Model:
     with mlflow.start_run(run_id=run_id):
-        model, history = fit_model(cfg, splits, callbacks=[mlflow.keras.MlflowCallback()])
+        # per-epoch metrics, learning_rate included; MlflowTrainEnd: early stopping's outcome
+        callbacks = [mlflow.keras.MlflowCallback(), MlflowTrainEnd()]
+        model, history = fit_model(cfg, splits, callbacks=callbacks)
         final = {f"final_{k}": float(v[-1]) for k, v in history.items()}
-        mlflow.log_metrics(final)
+        mlflow.log_metrics({**final, "epochs_run": len(history["loss"])})
     log.info("Training done: %s", {k: round(v, 4) for k, v in final.items()})
     return model
 

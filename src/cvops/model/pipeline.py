@@ -18,7 +18,10 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 def build_augmenter(cfg: AugmentationConfig, seed: int) -> keras.Sequential | None:
-    """Brightness, horizontal flip, rotation and scale, as in the reference pipeline."""
+    """Brightness, flips, rotation and scale (the reference's, plus an optional vertical flip).
+
+    Flips are configurable because they change some classes: a mirrored "b" is a "d".
+    """
     if not cfg.enabled:
         return None
     steps: list[keras.layers.Layer] = []
@@ -26,8 +29,13 @@ def build_augmenter(cfg: AugmentationConfig, seed: int) -> keras.Sequential | No
         steps.append(
             keras.layers.RandomBrightness(cfg.brightness, value_range=(0.0, 1.0), seed=seed)
         )
-    if cfg.horizontal_flip:
-        steps.append(keras.layers.RandomFlip("horizontal", seed=seed + 1))
+    flips = [
+        axis
+        for axis, on in (("horizontal", cfg.horizontal_flip), ("vertical", cfg.vertical_flip))
+        if on
+    ]
+    if flips:  # one layer, RandomFlip's mode names: horizontal, vertical, horizontal_and_vertical
+        steps.append(keras.layers.RandomFlip("_and_".join(flips), seed=seed + 1))
     if cfg.rotation > 0:
         steps.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed + 2))
     if cfg.zoom > 0:

@@ -13,6 +13,7 @@ import tensorflow as tf
 from cvops.config import FlowConfig
 from cvops.data.images import check_classes, index_split, select_classes, stratified_split
 from cvops.model.build import build_model, make_optimizer
+from cvops.model.callbacks import class_weights, training_callbacks
 from cvops.model.drift import (
     build_bbsd,
     build_hidden,
@@ -90,7 +91,9 @@ def fit_model(
         split_dataset(cfg, splits.train, training=True),
         validation_data=val_ds,
         epochs=hp.epochs,
-        callbacks=callbacks or [],
+        # ours first: the caller's (MLflow) then see learning_rate and the restored weights
+        callbacks=[*training_callbacks(cfg, val_ds is not None), *(callbacks or [])],
+        class_weight=class_weights(cfg, splits.train),
         shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=2,
     )
