@@ -20,10 +20,26 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# keras.applications families (cvops.model.backbones.FAMILIES); they need inputs >= 32x32
+APPLICATION_BACKBONES = (
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_v2_b0",
+    "resnet50",
+)
+Backbone = Literal[
+    "reference_cnn",
+    "small_cnn",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_v2_b0",
+    "resnet50",
+]
 
 
 class ConfigError(ValueError):
@@ -61,6 +77,53 @@ class ModelConfig(StrictModel):
     classification_layer: str = "classify_head"
     save_dir: Path = Path("models")
     drift_detection: DriftDetectionConfig = DriftDetectionConfig()
+    backbone: Backbone = Field(
+        default="reference_cnn",
+        description="the network (cvops.model.backbones): reference_cnn (the reference's CNN), "
+        "small_cnn, or a keras.applications family",
+    )
+    weights: str = Field(
+        default=None,  # type: ignore[assignment]  # resolved per backbone by _weights
+        validate_default=True,
+        description="imagenet (downloaded once into CVOPS_WEIGHTS_DIR), none (random init) or "
+        "the path of the backbone's weights without its top; default imagenet for "
+        "keras.applications families, none for reference_cnn and small_cnn",
+    )
+
+    @field_validator("backbone")
+    @classmethod
+    def _input_fits_backbone(cls, backbone: str, info: ValidationInfo) -> str:
+        size = info.data.get("input_size")
+        if backbone in APPLICATION_BACKBONES and size is not None and min(size.w, size.h) < 32:
+            raise ValueError(
+                f"{backbone} needs an input_size of at least 32x32, got {size.w}x{size.h}"
+            )
+        return backbone
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, weights: Any, info: ValidationInfo) -> str:
+        """Resolve the default and check the file exists now, not after an hour of setup."""
+        backbone = info.data.get("backbone", "reference_cnn")
+        pretrainable = backbone in APPLICATION_BACKBONES
+        if weights is None:
+            return "imagenet" if pretrainable else "none"
+        weights = str(weights)
+        if weights == "none":
+            return weights
+        if backbone == "reference_cnn":
+            raise ValueError("reference_cnn trains from scratch as the reference does: use none")
+        if weights == "imagenet":
+            if not pretrainable:
+                raise ValueError(f"{backbone} has no imagenet weights: use none or a file path")
+            return weights
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"weights file {path} not found (expected imagenet, none or the path of a "
+                f"{backbone} backbone weights file without its top)"
+            )
+        return str(path)
 
     @field_validator("classes")
     @classmethod
@@ -190,9 +253,30 @@ class LrScheduleConfig(StrictModel):
 ClassWeight = Literal["none", "balanced"] | dict[str, PositiveFloat]
 
 
+class FinetuneConfig(StrictModel):
+    """Training a pretrained backbone (model.weights imagenet or a file) in two phases: a
+    warm-up with the backbone frozen (its random head would otherwise push large gradients
+    through it), then its top part unfrozen at a lower learning rate. BatchNorm stays frozen.
+    With weights none the whole model trains from the start and this section is unused."""
+
+    warmup_epochs: int = Field(
+        default=3, ge=0, description="the first epochs of hparams.epochs, backbone frozen"
+    )
+    unfreeze_fraction: float = Field(
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+        description="top share of the backbone's layers with weights trained after the warm-up",
+    )
+    lr_factor: float = Field(
+        default=0.1, gt=0.0, le=1.0, description="fine-tune learning rate = init_lr * lr_factor"
+    )
+
+
 class TrainConfig(StrictModel):
     hparams: Hparams
     mlflow: MlflowExperiment
+    finetune: FinetuneConfig = FinetuneConfig()
     augmentation: AugmentationConfig = AugmentationConfig()
     validation: ValidationGateConfig = ValidationGateConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
         "program holds it (the port in use is recorded in the state dir).",
     )
     service_workers: int = Field(default=1, ge=1, description="Workers of the embedded service.")
+    weights_dir: Path | None = Field(
+        default=None,
+        description="Cache of downloaded pretrained backbone weights (model.weights: imagenet), "
+        "laid out as ~/.keras (models/<file>); None means state_dir/weights.",
+    )
+
+    @property
+    def resolved_weights_dir(self) -> Path:
+        return (self.weights_dir or self.state_dir / "weights").expanduser().resolve()
 
     @property
     def mlflow_dir(self) -> Path:

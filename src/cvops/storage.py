@@ -48,6 +48,8 @@ class ModelMetadata(BaseModel):
     classifier_type: str = "multi-class"
     classification_layer: str = "classify_head"
     drift_detection: DriftDetectionConfig = DriftDetectionConfig()
+    backbone: str = "reference_cnn"  # packages from before backbones were configurable
+    weights: str = "none"
     model_path: str
     uae_model_path: str
     bbsd_model_path: str

@@ -56,6 +56,9 @@ def start_run(cfg: FlowConfig, settings: Settings, data_version: dict[str, Any])
         **tracking.flat_params("early_stopping", cfg.train.early_stopping.model_dump()),
         **tracking.flat_params("lr_schedule", cfg.train.lr_schedule.model_dump()),
         **tracking.flat_params("", {"class_weight": cfg.train.class_weight}),
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        **tracking.flat_params("finetune", cfg.train.finetune.model_dump()),
         "input_size": f"{cfg.model.input_size.w}x{cfg.model.input_size.h}",
         "n_classes": len(cfg.model.classes),
         "seed": cfg.seed,
@@ -130,11 +133,29 @@ class MlflowTrainEnd(keras.callbacks.Callback):
         self.fits += 1
 
 
+class PhasedMlflowCallback(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback for a training in several fit calls (a pretrained backbone's
+    warm-up, then fine-tuning at a lower rate): MLflow refuses to change a logged param, so
+    every later fit logs its optimizer settings as `phase<N>_optimizer_*`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fits = 0
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.fits += 1
+        if self.fits == 1:
+            super().on_train_begin(logs)
+            return
+        config = self.model.optimizer.get_config()
+        mlflow.log_params({f"phase{self.fits}_optimizer_{k}": v for k, v in config.items()})
+
+
 @step("train-model")
 def train_model(cfg: FlowConfig, splits: Splits, run_id: str) -> keras.Model:
     with mlflow.start_run(run_id=run_id):
         # per-epoch metrics, learning_rate included; MlflowTrainEnd: early stopping's outcome
-        callbacks = [mlflow.keras.MlflowCallback(), MlflowTrainEnd()]
+        callbacks = [PhasedMlflowCallback(), MlflowTrainEnd()]
         model, history = fit_model(cfg, splits, callbacks=callbacks)
         final = {f"final_{k}": float(v[-1]) for k, v in history.items()}
         mlflow.log_metrics({**final, "epochs_run": len(history["loss"])})

@@ -1,4 +1,9 @@
-"""Grad-CAM on the last conv layer, for the predicted class, batched and compiled once.
+"""Grad-CAM on the last conv feature map, for the predicted class, batched and compiled once.
+
+The feature map is the 4-D tensor the `features` pooling layer reads: the backbone's final
+activations whatever the family (a nested keras.applications network, or one whose last
+Conv2D is followed by BatchNorm and an activation). Models without that layer fall back to the
+last top-level Conv2D.
 
 The gradient model is built once per loaded model (the reference rebuilt it per request) and the
 whole step runs in one `tf.function`, ~10x faster than eager GradientTape per image.
@@ -11,18 +16,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cvops.model.backbones import cam_source
+
 
 def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
+    """The last top-level Conv2D: the CAM layer of models without a `features` layer."""
     for layer in reversed(model.layers):
         if isinstance(layer, keras.layers.Conv2D):
             return layer
     raise ValueError(f"model {model.name} has no Conv2D layer for Grad-CAM")
 
 
+def cam_tensor(model: keras.Model) -> keras.KerasTensor:
+    """The feature map Grad-CAM weighs: the 4-D input of `features`, else the last Conv2D's."""
+    source = cam_source(model)
+    return source if source is not None else last_conv_layer(model).output
+
+
 def gradient_model(model: keras.Model, extra_outputs: tuple = ()) -> keras.Model:
     """One model giving (last conv activations, class probabilities, *extra_outputs): extra
     layer outputs (the drift monitor's hidden features) come from the same forward pass."""
-    return keras.Model(model.input, [last_conv_layer(model).output, model.output, *extra_outputs])
+    return keras.Model(model.input, [cam_tensor(model), model.output, *extra_outputs])
 
 
 def gradcam(grad_model: keras.Model, images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

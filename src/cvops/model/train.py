@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from cvops.config import FlowConfig
 from cvops.data.images import check_classes, index_split, select_classes, stratified_split
+from cvops.model.backbones import set_backbone_trainable, training_phases
 from cvops.model.build import build_model, make_optimizer
 from cvops.model.callbacks import class_weights, training_callbacks
 from cvops.model.drift import (
@@ -72,6 +73,12 @@ def split_dataset(
 def fit_model(
     cfg: FlowConfig, splits: Splits, callbacks: list[keras.callbacks.Callback] | None = None
 ) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Build the configured backbone and train it: one phase from scratch (weights none), or
+    warm-up with the backbone frozen then fine-tuning its top at a lower rate (pretrained).
+
+    Each phase is one `model.fit` with the same caller callbacks, epochs counted on across
+    phases (`initial_epoch`), so per-epoch metrics form one curve; the histories are joined.
+    """
     assert cfg.model is not None and cfg.train is not None
     keras.utils.set_random_seed(cfg.seed)
     hp = cfg.train.hparams
@@ -80,24 +87,52 @@ def fit_model(
         len(cfg.model.classes),
         classification_layer=cfg.model.classification_layer,
         activation=cfg.model.classifier_activation,
-    )
-    model.compile(
-        optimizer=make_optimizer(hp.optimizer, hp.init_lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
+        backbone=cfg.model.backbone,
+        weights=cfg.model.weights,
     )
     val_ds = split_dataset(cfg, splits.val) if len(splits.val) else None
-    history = model.fit(
-        split_dataset(cfg, splits.train, training=True),
-        validation_data=val_ds,
-        epochs=hp.epochs,
-        # ours first: the caller's (MLflow) then see learning_rate and the restored weights
-        callbacks=[*training_callbacks(cfg, val_ds is not None), *(callbacks or [])],
-        class_weight=class_weights(cfg, splits.train),
-        shuffle=False,  # the tf.data pipeline shuffles, seeded
-        verbose=2,
+    train_ds = split_dataset(cfg, splits.train, training=True)
+    ft = cfg.train.finetune
+    phases = training_phases(
+        cfg.model.weights, hp.epochs, ft.warmup_epochs, ft.unfreeze_fraction, ft.lr_factor
     )
-    return model, history.history
+    history: dict[str, list[float]] = {}
+    epoch = 0
+    for phase in phases:
+        if phase.unfreeze_fraction is not None:
+            opened = set_backbone_trainable(model, phase.unfreeze_fraction)
+            log.info(
+                "Phase %s (epochs %d-%d): %d backbone layers trainable, lr %.2g",
+                phase.name,
+                epoch + 1,
+                phase.until_epoch,
+                opened,
+                hp.init_lr * phase.lr_factor,
+            )
+        model.compile(  # again per phase: trainable flags and the rate change
+            optimizer=make_optimizer(hp.optimizer, hp.init_lr * phase.lr_factor),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
+        result = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=epoch,
+            epochs=phase.until_epoch,
+            # ours first: the caller's (MLflow) then see learning_rate and the restored weights
+            callbacks=[
+                *training_callbacks(cfg, val_ds is not None, epochs=phase.until_epoch - epoch),
+                *(callbacks or []),
+            ],
+            class_weight=class_weights(cfg, splits.train),
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
+            verbose=2,
+        )
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+        # early stopping may end a warm-up early: fine-tuning starts then, the total stays
+        epoch += len(result.history.get("loss", []))
+    return model, history
 
 
 def build_detectors(
