@@ -168,6 +168,15 @@ def test_small_cnn_is_small_batchnormed_and_pools_late() -> None:
     assert model.layers[-1].name == "classify_head" and model.output_shape == (None, 10)
 
 
+@pytest.mark.parametrize("backbone", ["small_cnn", "mobilenet_v3_small"])
+def test_batchnorm_statistics_follow_fast_from_scratch(backbone: str) -> None:
+    """Keras' BatchNorm momentum (0.99, 0.999 in MobileNetV3) leaves the moving statistics
+    wrong for thousands of steps: a short from-scratch training then evaluates at chance."""
+    net = nested_backbone(build_model((SIZE, SIZE), 3, backbone=backbone, weights="none"))
+    norms = [layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and {layer.momentum for layer in norms} == {backbones.SCRATCH_BN_MOMENTUM}
+
+
 def test_resnet50_preprocessing_is_caffe_from_unit_range() -> None:
     layer = backbones._preprocessing("caffe")
     x = np.random.default_rng(0).random((2, 8, 8, 3), dtype=np.float32)
