@@ -167,7 +167,8 @@ def _preprocessing(kind: str) -> layers.Layer:
 
 
 def small_cnn(input_size: tuple[int, int]) -> keras.Model:
-    """(Conv-BN-ReLU x2 -> downsample) x3 with 32/64/128 filters, ~290k parameters.
+    """Three Conv-BN-ReLU x2 blocks (32/64/128 filters), max-pooled after the first two,
+    ~290k parameters.
 
     The first two blocks run at full and half resolution before any pooling (the reference
     pools after one conv), BatchNorm lets it train fast from scratch; the last block keeps
