@@ -26,6 +26,7 @@ from cvops.model.train import save_package
 from cvops.service.app import create_app
 from cvops.service.settings import ServiceSettings
 from cvops.storage import CentralStorage, ModelMetadata, utc_now
+from tests.pg import PostgresCluster
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -175,3 +176,12 @@ class ServiceProcess:
             raise
         finally:
             self._log.close()
+
+
+@pytest.fixture()
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL 15 cluster, started; removed after the test."""
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.destroy()

@@ -4,7 +4,6 @@ requests to real gunicorn workers and restarted; every prediction lands exactly 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,14 +14,6 @@ from tests.pg import PostgresCluster, wait_until
 from tests.service.conftest import ServiceProcess, image_bytes
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    cluster.start()
-    yield cluster
-    cluster.destroy()
 
 
 def db_ids(url: str, table: str, column: str = "id") -> list[str]:

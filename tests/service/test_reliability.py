@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,14 +22,6 @@ from tests.service.conftest import ServiceProcess, image_bytes
 from tests.service.test_postgres_durability import db_ids
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    cluster.start()
-    yield cluster
-    cluster.destroy()
 
 
 def ico_bytes() -> bytes:
