@@ -42,6 +42,12 @@ test: setup system-deps  ## the whole test suite (slow end-to-end tests included
 test-fast: setup system-deps  ## tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# e.g. BENCH_SERVE_ARGS="--skip-reference --workers 1"; --baseline DIR (default ../shared/baselines/reference_dl_service)
+BENCH_SERVE_ARGS ?=
+.PHONY: bench-serve
+bench-serve: setup  ## serving benchmark: reference service vs cvops serve, compute floor -> benchmarks/results/serve.md (< 10 min on 2 cores)
+	$(BIN)/python benchmarks/serve.py $(BENCH_SERVE_ARGS)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check src tests benchmarks scripts run_flow.py

@@ -1,0 +1,936 @@
+"""Serving benchmark: the reference model service vs `cvops serve`, and the compute floor.
+
+One run, on this machine, loopback only (issue 14, item 1):
+
+1. a temporary central storage with one package of the reference architecture
+   (`reference_cnn`, 50x50, the demo's 10 classes), briefly trained on a small demo dataset
+   (`--untrained`: an untrained but complete package, faster);
+2. a throwaway PostgreSQL 15 cluster on 127.0.0.1 (one database per service);
+3. the reference service (`--baseline`, its own app, never imported), then `cvops serve`, one
+   after the other so they never share the CPUs, each driven by the same bounded async load
+   generator at concurrency 1, 8 and 32 with the same 120x90 JPEG; cvops also at 32 without
+   heatmaps when the service supports `POST /predict?heatmaps=false`;
+4. after each service's load: every 200 must have its row in its `predictions` table;
+5. with the services stopped, the compute floor: images/s of the compiled inference step
+   (`LoadedModel.infer`: probs + Grad-CAM + UAE + BBSD + hidden) in this process, no HTTP.
+
+Prints a table and writes `benchmarks/results/serve.md`. Everything it starts (services,
+Postgres, temporary folders) is stopped and removed at exit, on errors and Ctrl-C too.
+
+    .venv/bin/python benchmarks/serve.py [--workers 2] [--requests-scale 1] [--skip-reference]
+        [--baseline ../shared/baselines/reference_dl_service] [--output PATH] [--untrained]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import io
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BASELINE = REPO.parent / "shared" / "baselines" / "reference_dl_service"
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "serve.md"
+CONFIG = REPO / "configs" / "full_flow.yaml"
+
+LEVELS = (1, 8, 32)
+REFERENCE_REQUESTS = {1: 30, 8: 40, 32: 64}  # the reference does about 5 requests/s
+CVOPS_REQUESTS = {1: 200, 8: 400, 32: 800}
+REFERENCE_WARMUP = {1: 2, 8: 8, 32: 8}  # per level, not counted
+CVOPS_WARMUP = {1: 8, 8: 16, 32: 32}
+IMAGE_SIZE = (120, 90)  # width, height
+ADMIN_TOKEN = "bench-admin-token"
+PG_MAX_CONNECTIONS = 1000
+ROW_WAIT_S = 30.0
+TRAIN_PER_CLASS = 80
+TRAIN_EPOCHS = 4
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Service:
+    """A server in its own process group (its workers too), logging to a file."""
+
+    def __init__(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str], log: Path):
+        self.name, self.cmd, self.cwd, self.env, self.log_path = name, cmd, cwd, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def fail(self, why: str) -> RuntimeError:
+        return RuntimeError(f"{self.name}: {why}; its log ends with:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, SIGKILL after 30 s."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} did not stop in 30 s: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        # workers that outlived the master (orphans) are still in the group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (as cvops' tests run one). As root it runs
+    as the `postgres` user, which refuses to run as root."""
+
+    def __init__(self, root: Path, max_connections: int = PG_MAX_CONNECTIONS) -> None:
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not candidates:
+            raise RuntimeError("PostgreSQL server binaries not found: make system-deps")
+        self.bin = candidates[-1].parent
+        self.version = self.bin.parent.name
+        self.root = root
+        self.data = root / "data"
+        self.port = free_port()
+        self.max_connections = max_connections
+        self.as_root = os.geteuid() == 0
+        self.started = False
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bin / tool), *args]
+        if self.as_root:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd="/", check=False
+        )
+        if done.returncode:
+            raise RuntimeError(f"{tool} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True)
+        os.chmod(self.root, 0o755)
+        if self.as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            f"-c max_connections={self.max_connections}"
+        )
+        log = str(self.root / "log")
+        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "start")
+        self.started = True
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-t", "30", "-w", "stop")
+        except RuntimeError:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self.started = False
+
+    def url(self, database: str, driver: str | None = "psycopg") -> str:
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://postgres@127.0.0.1:{self.port}/{database}"
+
+    def query(self, database: str, sql: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.url(database, None), autocommit=True, connect_timeout=10) as c:
+            cursor = c.execute(sql)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
+
+    def create_database(self, name: str) -> str:
+        self.query("postgres", f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+@dataclass
+class Level:
+    """One concurrency level: `requests` sent, latencies of the 200s."""
+
+    concurrency: int
+    requests: int
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def rps(self) -> float:
+        """Throughput: responses 200 per second of the level's wall time."""
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def p99(self) -> float:
+        return self.percentile(99)
+
+
+async def load(
+    client: httpx.AsyncClient,
+    url: str,
+    image: bytes,
+    concurrency: int,
+    requests: int,
+    *,
+    params: dict[str, str] | None = None,
+    on_ok: Callable[[httpx.Response], None] | None = None,
+) -> Level:
+    """`concurrency` tasks pull from `requests` POST /predict uploads until none are left."""
+    level = Level(concurrency, requests)
+    tickets = iter(range(requests))
+
+    async def user() -> None:
+        for _ in tickets:  # shared: each ticket is taken by exactly one task
+            started = time.perf_counter()
+            try:
+                response = await client.post(
+                    url, params=params, files={"file": ("image.jpg", image, "image/jpeg")}
+                )
+                await response.aread()
+            except httpx.HTTPError as err:
+                level.errors += 1
+                level.error_samples.append(f"{type(err).__name__}: {err}"[:200])
+                continue
+            elapsed_ms = 1000 * (time.perf_counter() - started)
+            if response.status_code != 200:
+                level.errors += 1
+                level.error_samples.append(f"{response.status_code}: {response.text[:200]}")
+                continue
+            level.latencies_ms.append(elapsed_ms)
+            if on_ok is not None:
+                on_ok(response)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(min(concurrency, requests))))
+    level.seconds = time.perf_counter() - started
+    return level
+
+
+def async_client(concurrency: int) -> httpx.AsyncClient:
+    """Keep-alive connections for every task, a generous timeout (the reference queues)."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        timeout=httpx.Timeout(600.0, connect=30.0),
+    )
+
+
+async def run_levels(
+    url: str,
+    image: bytes,
+    counts: dict[int, int],
+    warmups: dict[int, int],
+    on_ok: Callable[[httpx.Response], None] | None = None,
+    params: dict[str, str] | None = None,
+) -> dict[int, Level]:
+    """Each level: its warm-up requests (not counted, their 200s still go to `on_ok`), then
+    the measured ones; one client, so connections stay open from warm-up to measurement."""
+    results = {}
+    async with async_client(max(counts)) as client:
+        for c, n in counts.items():
+            warm = await load(client, url, image, c, warmups.get(c, 0), params=params, on_ok=on_ok)
+            level = await load(client, url, image, c, n, params=params, on_ok=on_ok)
+            results[c] = level
+            extra = f", warm-up errors {warm.errors}" if warm.errors else ""
+            print(
+                f"  c={c:<3} {level.ok}/{n} ok in {level.seconds:6.1f} s: {level.rps:7.1f} req/s,"
+                f" p50 {level.p50:8.0f} ms, p99 {level.p99:8.0f} ms, errors {level.errors}{extra}"
+            )
+            for sample in (level.error_samples + warm.error_samples)[:3]:
+                print(f"    error: {sample}")
+            level.errors += warm.errors
+    return results
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def demo_image() -> bytes:
+    """A deterministic demo-like 120x90 JPEG: demo test image 0 of `star` (seed 0), rendered
+    by the demo generator at 90-120 px and resized to exactly 120x90."""
+    from PIL import Image
+
+    from cvops.data.demo import JPEG_QUALITY, render, spec_for
+
+    pixels, _ = render(spec_for(0, "test", "star", 0, min_size=90, max_size=120))
+    picture = Image.fromarray(pixels, mode="RGB")
+    if picture.size != IMAGE_SIZE:
+        picture = picture.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+@dataclass
+class Package:
+    metadata_file: str
+    model_name: str
+    description: str
+
+
+def build_package(storage_root: Path, work: Path, untrained: bool) -> Package:
+    """The full flow's model section (reference_cnn, 50x50, 10 demo classes) as a complete
+    package in `storage_root`: trained briefly on a small demo dataset, or untrained."""
+    import yaml
+
+    from cvops.config import parse_config
+    from cvops.data.demo import generate_demo_dataset
+    from cvops.model.train import build_detectors, fit_model, load_splits, save_package
+    from cvops.storage import CentralStorage, ModelMetadata, utc_now
+
+    data = yaml.safe_load(CONFIG.read_text())
+    data["model"].update(backbone="reference_cnn", weights="none", save_dir=str(work / "save"))
+    data["model"]["drift_detection"]["reference_data_n_sample"] = 1000
+    data["train"]["hparams"]["epochs"] = 1 if untrained else TRAIN_EPOCHS
+    cfg = parse_config(data, str(CONFIG), check_flow_module=False)
+    assert cfg.model is not None
+    per_class = 4 if untrained else TRAIN_PER_CLASS
+    generate_demo_dataset(work / "dataset", n_train_per_class=per_class, n_test_per_class=1)
+    splits = load_splits(cfg, work / "dataset")
+    if untrained:
+        import keras
+
+        from cvops.model.build import build_model
+
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model((50, 50), len(cfg.model.classes), backbone="reference_cnn")
+        description = "untrained (random weights) but complete"
+    else:
+        model, history = fit_model(cfg, splits)
+        val = history.get("val_accuracy", [float("nan")])
+        description = (
+            f"trained briefly: {TRAIN_EPOCHS} epochs on {len(splits.train)} demo images "
+            f"({per_class} per class, validation accuracy {max(val):.2f} on {len(splits.val)})"
+        )
+    uae, bbsd, ref = build_detectors(cfg, model, splits)
+    name = cfg.model.model_name
+    names = CentralStorage.artifact_names(name, cfg.model.drift_detection)
+    files = save_package(cfg.model.save_dir, name, names, model, uae, bbsd, ref)
+    metadata = ModelMetadata(
+        **cfg.model.model_dump(mode="json", exclude={"save_dir"}), **names, created_on=utc_now()
+    )
+    meta_path = CentralStorage(storage_root).publish(files, metadata)
+    return Package(meta_path.name, name, description)
+
+
+# --------------------------------------------------------------------------- the two services
+
+
+@dataclass
+class ServiceRun:
+    label: str
+    levels: dict[int, Level]
+    rows: str = ""
+    rows_ok: bool = False
+    notes: list[str] = field(default_factory=list)
+    no_heatmaps: Level | None = None
+    no_heatmaps_note: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        total = sum(level.errors for level in self.levels.values())
+        return total + (self.no_heatmaps.errors if self.no_heatmaps else 0)
+
+
+def log_findings(service: Service, patterns: tuple[str, ...]) -> list[str]:
+    text = service.log_tail(10_000_000)
+    return [f"{p!r} x{text.count(p)}" for p in patterns if p in text]
+
+
+def run_reference(
+    baseline: Path,
+    storage_root: Path,
+    pg: Postgres,
+    tmp: Path,
+    pkg: Package,
+    image: bytes,
+    scale: float,
+) -> ServiceRun:
+    app_dir = baseline / "app"
+    if not (app_dir / "start_service.sh").is_file():
+        raise RuntimeError(f"no reference service in {baseline} (expected app/start_service.sh)")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "CENTRAL_STORAGE_PATH": str(storage_root),
+        "DB_CONNECTION_URL": pg.create_database("reference"),
+        "GUNICORN_CMD_ARGS": "--timeout 0",
+        "BIND": f"127.0.0.1:{port}",
+        "GUNICORN": str(Path(sys.executable).parent / "gunicorn"),
+    }
+    service = Service("reference", ["bash", "start_service.sh"], app_dir, env, tmp / "ref.log")
+    with contextlib.ExitStack() as stack:
+        service.start()
+        stack.callback(service.stop)
+        started = time.monotonic()
+        if not wait_for(lambda: http_ok(f"{base}/health_check") or not service.running(), 240):
+            raise service.fail("no /health_check 200 in 240 s")
+        if not service.running():
+            raise service.fail("exited during start-up")
+        put = httpx.put(f"{base}/update_model/{pkg.metadata_file}", timeout=300)
+        if put.status_code != 200:
+            raise service.fail(f"PUT /update_model answered {put.status_code}: {put.text}")
+        print(f"reference service ready in {time.monotonic() - started:.0f} s on {base}")
+        counts = {c: max(1, round(n * scale)) for c, n in REFERENCE_REQUESTS.items()}
+        oks = 0
+
+        def count_ok(_: httpx.Response) -> None:
+            nonlocal oks
+            oks += 1
+
+        levels = asyncio.run(
+            run_levels(f"{base}/predict", image, counts, REFERENCE_WARMUP, on_ok=count_ok)
+        )
+        run = ServiceRun("reference service (1 worker, its design)", levels)
+
+        def rows() -> int:
+            return pg.query("reference", "SELECT count(*) FROM predictions")[0][0]
+
+        waited = time.monotonic()
+        wait_for(lambda: rows() >= oks, ROW_WAIT_S, 0.5)
+        found = rows()
+        run.rows_ok = found == oks
+        run.rows = (
+            f"reference: {found} rows in `predictions` for {oks} responses 200 (warm-ups "
+            f"included): {'counts match' if run.rows_ok else 'COUNTS DIFFER'} "
+            f"(after {time.monotonic() - waited:.1f} s; the reference has no prediction id in "
+            "its response, so only counts can be compared)"
+        )
+        run.notes = log_findings(
+            service, ("Booting worker", "WORKER TIMEOUT", "Worker exited", "Traceback")
+        )
+    return run
+
+
+def run_cvops(
+    storage_root: Path,
+    pg: Postgres,
+    tmp: Path,
+    pkg: Package,
+    image: bytes,
+    scale: float,
+    workers: int,
+) -> ServiceRun:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    state_dir = tmp / "cvops-state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPS_")}
+    env.update(
+        CENTRAL_STORAGE_PATH=str(storage_root),
+        CVOPS_STATE_DIR=str(state_dir),
+        CVOPS_SERVICE_ADMIN_TOKEN=ADMIN_TOKEN,
+        CVOPS_SERVICE_DB_URL=pg.create_database("cvops"),
+    )
+    cmd = [sys.executable, "-m", "cvops.cli", "serve", "--workers", str(workers), "--port"]
+    cmd += [str(port), "--model", pkg.metadata_file]
+    # cwd: a folder without .env, so only the variables above configure the service
+    cwd = tmp / "cvops-cwd"
+    cwd.mkdir()
+    service = Service("cvops", cmd, cwd, env, tmp / "cvops.log")
+    with contextlib.ExitStack() as stack:
+        service.start()
+        stack.callback(service.stop)
+        started = time.monotonic()
+        if not wait_for(lambda: http_ok(f"{base}/ready") or not service.running(), 240):
+            raise service.fail("no /ready 200 in 240 s")
+        if not service.running():
+            raise service.fail("exited during start-up")
+        # /ready answers once one worker has loaded the model: wait for every worker's ack
+        acks = state_dir / "service" / "workers"
+        if not wait_for(lambda: len(list(acks.glob("[0-9]*"))) >= workers, 120):
+            print(f"  note: {acks} does not list {workers} workers after 120 s; measuring anyway")
+        print(f"cvops service ready in {time.monotonic() - started:.0f} s on {base}")
+        ids: list[str] = []
+        timings: list[dict[str, float]] = []
+
+        def collect(response: httpx.Response) -> None:
+            body = response.json()
+            ids.append(body["prediction_id"])
+            if isinstance(body.get("timings_ms"), dict):
+                timings.append(body["timings_ms"])
+
+        counts = {c: max(1, round(n * scale)) for c, n in CVOPS_REQUESTS.items()}
+        levels = asyncio.run(run_levels(f"{base}/predict", image, counts, CVOPS_WARMUP, collect))
+        run = ServiceRun(f"cvops serve --workers {workers}", levels)
+        n_c1 = counts[1] + CVOPS_WARMUP[1]
+        c1 = timings[CVOPS_WARMUP[1] : n_c1]  # the measured c=1 requests
+        run.timings_ms = (
+            {k: statistics.median(t.get(k, 0.0) for t in c1) for k in c1[0]} if c1 else {}
+        )
+
+        # heatmap-free mode (issue 14 item 4): supported when the probe's heatmap is absent
+        params = {"heatmaps": "false"}
+        probe = httpx.post(
+            f"{base}/predict",
+            params=params,
+            files={"file": ("image.jpg", image, "image/jpeg")},
+            timeout=60,
+        )
+        if probe.status_code == 200:
+            collect(probe)
+            if probe.json().get("raw_hm_img") is None:
+                print("cvops, POST /predict?heatmaps=false:")
+                no_hm = asyncio.run(
+                    run_levels(
+                        f"{base}/predict",
+                        image,
+                        {32: counts[32]},
+                        {32: CVOPS_WARMUP[32]},
+                        collect,
+                        params,
+                    )
+                )
+                run.no_heatmaps = no_hm[32]
+            else:
+                run.no_heatmaps_note = "n/a (?heatmaps=false still returns raw_hm_img)"
+        else:
+            run.no_heatmaps_note = f"n/a (?heatmaps=false answered {probe.status_code})"
+        if run.no_heatmaps_note:
+            print(f"cvops without heatmaps: {run.no_heatmaps_note}")
+
+        run.rows, run.rows_ok = check_cvops_rows(pg, ids)
+        run.notes = log_findings(service, ("WORKER TIMEOUT", "Worker exited", "Traceback"))
+    return run
+
+
+def check_cvops_rows(pg: Postgres, ids: list[str]) -> tuple[str, bool]:
+    """Every prediction_id answered with a 200 is in `predictions`, exactly once (the service
+    spools records and writes them asynchronously: wait up to ROW_WAIT_S for them)."""
+    wanted = set(ids)
+    sql = "SELECT id, count(*) FROM predictions GROUP BY id"
+    state: dict[str, int] = {}
+
+    def arrived() -> bool:
+        state.clear()
+        state.update(pg.query("cvops", sql))
+        return wanted <= state.keys()
+
+    started = time.monotonic()
+    wait_for(arrived, ROW_WAIT_S, 0.5)
+    missing = len(wanted - state.keys())
+    repeated_rows = sum(1 for i in wanted if state.get(i, 0) > 1)
+    repeated_ids = len(ids) - len(wanted)
+    extra = len(state.keys() - wanted)
+    ok = not (missing or repeated_rows or repeated_ids or extra)
+    text = (
+        f"cvops: {len(wanted) - missing}/{len(ids)} prediction_ids of responses 200 (warm-ups "
+        f"included) found in `predictions`; missing {missing}, ids with more than one row "
+        f"{repeated_rows}, ids answered twice {repeated_ids}, rows of no response {extra} "
+        f"({'every 200 has its row, exactly once' if ok else 'ROW CHECK FAILED'}; "
+        f"after {time.monotonic() - started:.1f} s)"
+    )
+    return text, ok
+
+
+# --------------------------------------------------------------------------- compute floor
+
+
+@dataclass
+class Floor:
+    images_per_s: dict[int, float]
+    ms_one_image: float
+
+
+def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
+    """Images/s of the compiled step at batch 1, 8 and 32 in this process (median of repeats
+    after warm-up); the model input is the benchmark image preprocessed as the service does."""
+    import tensorflow as tf
+
+    from cvops.model.preprocess import preprocess_image
+    from cvops.service.model_store import load_model
+    from cvops.storage import CentralStorage
+
+    loaded = load_model(CentralStorage(storage_root), pkg.metadata_file)
+    x = preprocess_image(tf.constant(image), loaded.size).numpy()
+    rates: dict[int, float] = {}
+    seconds_per_call: dict[int, float] = {}
+    for batch, calls in ((1, 60), (8, 12), (32, 4)):
+        inputs = np.repeat(x[None], batch, axis=0)
+        for _ in range(max(3, calls // 4)):
+            loaded.infer(inputs)
+        per_call = []
+        for _ in range(7):
+            started = time.perf_counter()
+            for _ in range(calls):
+                loaded.infer(inputs)
+            per_call.append((time.perf_counter() - started) / calls)
+        seconds_per_call[batch] = statistics.median(per_call)
+        rates[batch] = batch / seconds_per_call[batch]
+    return Floor(rates, 1000 * seconds_per_call[1])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def table(runs: list[ServiceRun]) -> list[str]:
+    lines = [
+        "| | c=1 req/s | p50 ms | c=8 req/s | c=32 req/s | p99 ms at c=32 | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lv = run.levels
+        lines.append(
+            f"| {run.label} | {fmt(lv[1].rps)} | {fmt(lv[1].p50, 0)} | {fmt(lv[8].rps)} | "
+            f"{fmt(lv[32].rps)} | {fmt(lv[32].p99, 0)} | {run.errors} |"
+        )
+        if run.label.startswith("cvops"):
+            hm = run.no_heatmaps
+            if hm is not None:
+                lines.append(
+                    f"| {run.label}, `?heatmaps=false` | | | | {fmt(hm.rps)} | "
+                    f"{fmt(hm.p99, 0)} | {hm.errors} |"
+                )
+            else:
+                lines.append(f"| {run.label}, `?heatmaps=false` | | | | n/a | n/a | |")
+    return lines
+
+
+def levels_table(runs: list[ServiceRun]) -> list[str]:
+    lines = [
+        "| service | concurrency | requests | ok | errors | seconds | req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        extra = [(f"{run.label}, `?heatmaps=false`", run.no_heatmaps)] if run.no_heatmaps else []
+        for label, lv in [*((run.label, lv) for lv in run.levels.values()), *extra]:
+            lines.append(
+                f"| {label} | {lv.concurrency} | {lv.requests} | {lv.ok} | {lv.errors} | "
+                f"{lv.seconds:.1f} | {fmt(lv.rps)} | {fmt(lv.p50, 0)} | {fmt(lv.p99, 0)} |"
+            )
+    return lines
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def cvops_source() -> str:
+    """Which cvops was measured: this checkout (its commit, and whether the service code has
+    uncommitted changes) or another source tree on PYTHONPATH (e.g. a `git archive` of an
+    earlier commit, to measure a "before")."""
+    import cvops
+
+    src = Path(cvops.__file__).resolve().parents[1]
+    if src != REPO / "src":
+        return f"cvops imported from {src} (not this checkout)"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src/cvops/service")
+    return f"cvops of this checkout at {sha}" + (
+        " + uncommitted changes in src/cvops/service" if dirty else ""
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    pkg: Package,
+    image: bytes,
+    runs: list[ServiceRun],
+    floor: Floor,
+    setup_notes: list[str],
+    pg_version: str,
+    seconds: float,
+) -> str:
+    ref = next((r for r in runs if r.label.startswith("reference")), None)
+    cv = next(r for r in runs if r.label.startswith("cvops"))
+    cv32 = cv.levels[32].rps
+    ratio = f"{cv32 / ref.levels[32].rps:.1f}x" if ref and ref.levels[32].rps else "n/a"
+    share = 100 * cv32 / floor.images_per_s[32]
+    p50_ratio = cv.levels[1].p50 / floor.ms_one_image
+    cores = len(os.sched_getaffinity(0))
+    import tensorflow as tf
+
+    ref_counts = "/".join(
+        str(max(1, round(n * args.requests_scale))) for n in REFERENCE_REQUESTS.values()
+    )
+    cv_counts = "/".join(
+        str(max(1, round(n * args.requests_scale))) for n in CVOPS_REQUESTS.values()
+    )
+    out = [
+        "# Serving benchmark: reference service vs `cvops serve`",
+        "",
+        f"Written by `benchmarks/serve.py` (`make bench-serve`) on "
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {cvops_source()}; the whole run took "
+        f"{seconds:.0f} s. One run: the services one after the other (never at the same time), "
+        "then the compute floor with both stopped. Absolute numbers depend on the machine; "
+        "the ratios much less.",
+        "",
+        "## Setup",
+        "",
+        f"- machine: {cores} CPU cores ({cpu_model()}), Python {platform.python_version()}, "
+        f"TensorFlow {tf.__version__}; {'; '.join(setup_notes)}",
+        f"- model: `{pkg.model_name}`, `model.backbone: reference_cnn` (the architecture both "
+        f"services can run), 50x50 input, the demo's 10 classes, {pkg.description}; one "
+        "package (model, UAE, BBSD, reference data, metadata) in a temporary central storage, "
+        "served by both",
+        f"- image: the same {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG for every request ({len(image)} "
+        "bytes; demo test image `star` 0 of seed 0, rendered by `cvops.data.demo`), "
+        "`POST /predict` multipart",
+        (
+            f"- reference: `{args.baseline_label}` (`start_service.sh`: 1 gunicorn worker, its "
+            "design), model set with `PUT /update_model`"
+            if not args.skip_reference
+            else "- reference: left out (`--skip-reference`)"
+        ),
+        f"- cvops: `python -m cvops.cli serve --workers {args.workers}`, default service "
+        "settings (`CVOPS_SERVICE_DB_URL`, `CVOPS_STATE_DIR`, `CVOPS_SERVICE_ADMIN_TOKEN` set)",
+        "- database: one throwaway PostgreSQL "
+        f"{pg_version} cluster on 127.0.0.1 started by the script, one database per service",
+        "- load: one `httpx.AsyncClient` per service (keep-alive, a connection per task, "
+        "600 s timeout), N tasks pulling from a fixed number of requests; requests per level "
+        f"(c=1/8/32): reference {ref_counts}, cvops {cv_counts} (and {cv_counts.split('/')[-1]} "
+        "without heatmaps); warm-up requests per level, not counted: reference "
+        f"{'/'.join(map(str, REFERENCE_WARMUP.values()))}, cvops "
+        f"{'/'.join(map(str, CVOPS_WARMUP.values()))}",
+        "- req/s = responses 200 per second of the level's wall time; latency from sending a "
+        "request to its full response; errors = non-200 answers and exceptions, warm-ups "
+        "included",
+        "",
+        "## Results",
+        "",
+        *table(runs),
+        "| compiled step in process, no HTTP (probs + Grad-CAM + UAE + BBSD + hidden) | "
+        f"batch 1: {floor.ms_one_image:.1f} ms | | batch 8: {floor.images_per_s[8]:.0f} img/s | "
+        f"batch 32: {floor.images_per_s[32]:.0f} img/s | | |",
+        "",
+        "Every level:",
+        "",
+        *levels_table(runs),
+        "",
+        "## Compute floor (the compiled inference step in the benchmark process, no HTTP)",
+        "",
+        "`cvops.service.model_store.load_model` on the same package, `LoadedModel.infer` on the "
+        "benchmark image preprocessed as the service does; median of 7 repeats after warm-up, "
+        "services stopped.",
+        "",
+        f"- batch 1: {floor.ms_one_image:.2f} ms per image ({floor.images_per_s[1]:.0f} img/s)",
+        f"- batch 8: {floor.images_per_s[8]:.0f} img/s",
+        f"- batch 32: {floor.images_per_s[32]:.0f} img/s",
+        "",
+    ]
+    if cv.timings_ms:
+        stages = ", ".join(f"{k} {v:.1f} ms" for k, v in cv.timings_ms.items())
+        out += [f"cvops server-side `timings_ms` at c=1 (median): {stages}.", ""]
+    out += ["## Every 200 has its row in `predictions`", ""]
+    out += [f"- {run.rows}" for run in runs]
+    out += [
+        "",
+        "## Settings that differ from the reference's defaults",
+        "",
+        "Both from the reference's README; without them it does not finish the benchmark:",
+        "",
+        "- gunicorn `--timeout 0` (`GUNICORN_CMD_ARGS`): with the default 30 s the reference's "
+        "worker is killed at concurrency 8, because inference blocks its event loop, and the "
+        "restarted worker has no model.",
+        f"- PostgreSQL `max_connections={PG_MAX_CONNECTIONS}`: the reference creates a DB engine "
+        "per request in background tasks and leaks their connections until Postgres refuses "
+        "clients. cvops runs against the same cluster (it needs neither setting).",
+        "",
+        "## Log findings",
+        "",
+    ]
+    for run in runs:
+        found = ", ".join(run.notes) if run.notes else "nothing"
+        out.append(f"- {run.label}: {found}")
+    if ref:
+        out.append(
+            "  (the reference logs one 'Booting worker' at start; more would be worker restarts)"
+        )
+    out += [
+        "",
+        f"p50 at c=1 / one-image compute: {p50_ratio:.1f}x",
+        f"throughput ratio at concurrency 32: {ratio}",
+        f"share of compute floor at concurrency 32: {share:.1f}%",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2, help="cvops serve --workers")
+    parser.add_argument(
+        "--requests-scale", type=float, default=1.0, help="multiply every level's request count"
+    )
+    parser.add_argument(
+        "--skip-reference", action="store_true", help="leave the reference service out"
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results markdown")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=DEFAULT_BASELINE,
+        help="the reference service folder (with app/start_service.sh)",
+    )
+    parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="serve an untrained (but complete) package instead of training one briefly",
+    )
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.requests_scale <= 0:
+        parser.error("--workers and --requests-scale must be positive")
+    args.baseline = args.baseline.resolve()
+    args.baseline_label = os.path.relpath(args.baseline, REPO)
+    return args
+
+
+@contextlib.contextmanager
+def temp_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="cvops-bench-serve-"))
+    os.chmod(root, 0o755)  # Postgres runs as `postgres` under it when we are root
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.skip_reference and not (args.baseline / "app" / "start_service.sh").is_file():
+        print(f"no reference service in {args.baseline}: --baseline DIR or --skip-reference")
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    began = time.monotonic()
+    setup_notes = [f"load average at start {os.getloadavg()[0]:.2f}"]
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(temp_root())
+        storage_root = tmp / "central_storage"
+        print(f"Building the package in {tmp} ...")
+        t = time.monotonic()
+        pkg = build_package(storage_root, tmp / "build", args.untrained)
+        print(f"package {pkg.metadata_file}: {pkg.description} ({time.monotonic() - t:.0f} s)")
+        image = demo_image()
+
+        pg = Postgres(tmp / "postgres")
+        stack.callback(pg.stop)
+        pg.start()
+        print(
+            f"PostgreSQL {pg.version} on 127.0.0.1:{pg.port}, max_connections={pg.max_connections}"
+        )
+
+        runs: list[ServiceRun] = []
+        if not args.skip_reference:
+            print("reference service:")
+            runs.append(
+                run_reference(args.baseline, storage_root, pg, tmp, pkg, image, args.requests_scale)
+            )
+        print(f"cvops serve --workers {args.workers}:")
+        runs.append(run_cvops(storage_root, pg, tmp, pkg, image, args.requests_scale, args.workers))
+        pg.stop()
+        print("compute floor (services stopped) ...")
+        floor = compute_floor(storage_root, pkg, image)
+        setup_notes.append(
+            f"at the end {os.getloadavg()[0]:.2f} (1-minute averages; other programs on the "
+            "machine keep running)"
+        )
+        seconds = time.monotonic() - began
+        text = report(args, pkg, image, runs, floor, setup_notes, pg.version, seconds)
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print()
+    print(text)
+    print(f"wrote {args.output} ({seconds:.0f} s)")
+    return 0 if all(run.rows_ok and not run.errors for run in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
