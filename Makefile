@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Debian packages of the tests and of the local stack (cvops up)
 SYSTEM_PACKAGES := postgresql nginx prometheus prometheus-node-exporter chromium chromium-driver
 
-.PHONY: setup system-deps setup-stack demo demo-stack test test-fast lint format lock bench clean-demo
+.PHONY: setup system-deps setup-stack demo demo-stack test test-fast lint format lock bench bench-accuracy clean-demo
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"cvops needs Python 3.11, found {sys.version}"'
@@ -61,6 +61,9 @@ lock:  ## re-resolve requirements.lock from pyproject.toml
 
 bench: setup
 	$(BIN)/python benchmarks/train_input.py
+
+bench-accuracy: setup  ## accuracy per backbone at a fixed CPU budget -> benchmarks/results/accuracy.md (~1 h on 2 cores)
+	nice -n 19 $(BIN)/python benchmarks/accuracy.py
 
 clean-demo:  ## remove the demo's data and results (datasets/, central_storage/, .cvops/)
 	rm -rf datasets central_storage .cvops
