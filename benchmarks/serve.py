@@ -205,6 +205,48 @@ class Postgres:
         return self.url(name)
 
 
+class OtherCpu:
+    """CPU time that programs other than this benchmark (its process, the services' sessions,
+    its Postgres) used during a phase, as a share of all cores: how disturbed a measurement
+    was. From /proc; processes that end within the phase are not counted."""
+
+    def __init__(self, sessions: set[int], pg: Postgres | None = None) -> None:
+        self.sessions = sessions
+        self.pg = pg
+        self.start = self._snapshot()
+        self.started = time.monotonic()
+
+    def _postmaster(self) -> int | None:
+        if self.pg is None:
+            return None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.pg.data / "postmaster.pid").read_text().split()[0])
+        return None
+
+    def _snapshot(self) -> dict[tuple[int, int], int]:
+        me, postmaster = os.getpid(), self._postmaster()
+        ticks = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            fields = text[text.rindex(")") + 2 :].split()
+            ppid, session = int(fields[1]), int(fields[3])
+            if pid == me or session in self.sessions or postmaster in (pid, ppid):
+                continue
+            ticks[(pid, int(fields[19]))] = int(fields[11]) + int(fields[12])
+        return ticks
+
+    def share(self) -> float:
+        """Percent of all cores' time since construction used by other programs."""
+        end, elapsed = self._snapshot(), time.monotonic() - self.started
+        used = sum(t - self.start.get(key, 0) for key, t in end.items())
+        cores = len(os.sched_getaffinity(0))
+        return 100 * used / os.sysconf("SC_CLK_TCK") / (elapsed * cores) if elapsed else 0.0
+
+
 # --------------------------------------------------------------------------- load generator
 
 
@@ -400,6 +442,7 @@ class ServiceRun:
     no_heatmaps: Level | None = None
     no_heatmaps_note: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    other_cpu: float = float("nan")
 
     @property
     def errors(self) -> int:
@@ -454,10 +497,14 @@ def run_reference(
             nonlocal oks
             oks += 1
 
+        assert service.proc is not None
+        others = OtherCpu({service.proc.pid}, pg)
         levels = asyncio.run(
             run_levels(f"{base}/predict", image, counts, REFERENCE_WARMUP, on_ok=count_ok)
         )
         run = ServiceRun("reference service (1 worker, its design)", levels)
+        run.other_cpu = others.share()
+        print(f"  other programs used {run.other_cpu:.0f}% of the CPUs meanwhile")
 
         def rows() -> int:
             return pg.query("reference", "SELECT count(*) FROM predictions")[0][0]
@@ -526,6 +573,8 @@ def run_cvops(
                 timings.append(body["timings_ms"])
 
         counts = {c: max(1, round(n * scale)) for c, n in CVOPS_REQUESTS.items()}
+        assert service.proc is not None
+        others = OtherCpu({service.proc.pid}, pg)
         levels = asyncio.run(run_levels(f"{base}/predict", image, counts, CVOPS_WARMUP, collect))
         run = ServiceRun(f"cvops serve --workers {workers}", levels)
         n_c1 = counts[1] + CVOPS_WARMUP[1]
@@ -563,6 +612,8 @@ def run_cvops(
             run.no_heatmaps_note = f"n/a (?heatmaps=false answered {probe.status_code})"
         if run.no_heatmaps_note:
             print(f"cvops without heatmaps: {run.no_heatmaps_note}")
+        run.other_cpu = others.share()
+        print(f"  other programs used {run.other_cpu:.0f}% of the CPUs meanwhile")
 
         run.rows, run.rows_ok = check_cvops_rows(pg, ids)
         run.notes = log_findings(service, ("WORKER TIMEOUT", "Worker exited", "Traceback"))
@@ -605,6 +656,7 @@ def check_cvops_rows(pg: Postgres, ids: list[str]) -> tuple[str, bool]:
 class Floor:
     images_per_s: dict[int, float]
     ms_one_image: float
+    other_cpu: float
 
 
 def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
@@ -620,6 +672,7 @@ def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
     x = preprocess_image(tf.constant(image), loaded.size).numpy()
     rates: dict[int, float] = {}
     seconds_per_call: dict[int, float] = {}
+    others = OtherCpu(set())
     for batch, calls in ((1, 60), (8, 12), (32, 4)):
         inputs = np.repeat(x[None], batch, axis=0)
         for _ in range(max(3, calls // 4)):
@@ -632,7 +685,7 @@ def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
             per_call.append((time.perf_counter() - started) / calls)
         seconds_per_call[batch] = statistics.median(per_call)
         rates[batch] = batch / seconds_per_call[batch]
-    return Floor(rates, 1000 * seconds_per_call[1])
+    return Floor(rates, 1000 * seconds_per_call[1], others.share())
 
 
 # --------------------------------------------------------------------------- report
@@ -680,6 +733,12 @@ def levels_table(runs: list[ServiceRun]) -> list[str]:
                 f"{lv.seconds:.1f} | {fmt(lv.rps)} | {fmt(lv.p50, 0)} | {fmt(lv.p99, 0)} |"
             )
     return lines
+
+
+def autogroup_enabled() -> bool:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    return False
 
 
 def cpu_model() -> str:
@@ -748,7 +807,7 @@ def report(
         "## Setup",
         "",
         f"- machine: {cores} CPU cores ({cpu_model()}), Python {platform.python_version()}, "
-        f"TensorFlow {tf.__version__}; {'; '.join(setup_notes)}",
+        f"TensorFlow {tf.__version__}",
         f"- model: `{pkg.model_name}`, `model.backbone: reference_cnn` (the architecture both "
         f"services can run), 50x50 input, the demo's 10 classes, {pkg.description}; one "
         "package (model, UAE, BBSD, reference data, metadata) in a temporary central storage, "
@@ -826,6 +885,22 @@ def report(
         out.append(
             "  (the reference logs one 'Booting worker' at start; more would be worker restarts)"
         )
+    phases = [(f"{run.label.split(' (')[0]} load", run.other_cpu) for run in runs]
+    phases.append(("compute floor", floor.other_cpu))
+    out += [
+        "",
+        "## Other programs on the machine",
+        "",
+        "This benchmark does not stop other programs. CPU time they used during each phase, as "
+        "a share of all cores (from /proc): "
+        + ", ".join(f"{name} {share:.0f}%" for name, share in phases)
+        + f". {'; '.join(setup_notes)}.",
+    ]
+    if autogroup_enabled():
+        out.append(
+            "The kernel's autogroup scheduling is on: a program started with `nice` in another "
+            "session still gets a full share of the CPUs against this benchmark's processes."
+        )
     out += [
         "",
         f"p50 at c=1 / one-image compute: {p50_ratio:.1f}x",
@@ -889,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     began = time.monotonic()
-    setup_notes = [f"load average at start {os.getloadavg()[0]:.2f}"]
+    setup_notes = [f"Load average at the start {os.getloadavg()[0]:.2f}"]
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(temp_root())
         storage_root = tmp / "central_storage"
@@ -917,10 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         pg.stop()
         print("compute floor (services stopped) ...")
         floor = compute_floor(storage_root, pkg, image)
-        setup_notes.append(
-            f"at the end {os.getloadavg()[0]:.2f} (1-minute averages; other programs on the "
-            "machine keep running)"
-        )
+        setup_notes.append(f"at the end {os.getloadavg()[0]:.2f} (1-minute averages)")
         seconds = time.monotonic() - began
         text = report(args, pkg, image, runs, floor, setup_notes, pg.version, seconds)
 
