@@ -75,18 +75,27 @@ def heatmap_to_image(heatmap: np.ndarray, width: int, height: int) -> np.ndarray
     return np.clip(blurred, 0.0, 1.0)
 
 
+def colorize_bgr(heatmap: np.ndarray) -> np.ndarray:
+    """[0,1] heatmap -> BGR uint8 with the JET colormap (as the reference), OpenCV's order."""
+    return cv2.applyColorMap(np.uint8(255 * heatmap), cv2.COLORMAP_JET)
+
+
 def colorize(heatmap: np.ndarray) -> np.ndarray:
     """[0,1] heatmap -> RGB uint8 with the JET colormap (as the reference)."""
-    bgr = cv2.applyColorMap(np.uint8(255 * heatmap), cv2.COLORMAP_JET)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(colorize_bgr(heatmap), cv2.COLOR_BGR2RGB)
+
+
+def blend(
+    image: np.ndarray, heatmap: np.ndarray, coloured: np.ndarray, alpha: float = 0.45
+) -> np.ndarray:
+    """`coloured` (same channel order as `image`) blended in where the heatmap is non-zero."""
+    blended = cv2.addWeighted(image, 1 - alpha, coloured, alpha, 0)
+    return cv2.copyTo(blended, (heatmap > 0).view(np.uint8), image.copy())
 
 
 def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend the coloured heatmap onto the original image where the heatmap is non-zero."""
-    coloured = colorize(heatmap)
-    mask = (heatmap > 0)[..., None]
-    blended = cv2.addWeighted(image_rgb, 1 - alpha, coloured, alpha, 0)
-    return np.where(mask, blended, image_rgb).astype(np.uint8)
+    return blend(image_rgb, heatmap, colorize(heatmap), alpha)
 
 
 def peak_location(heatmap: np.ndarray, width: int, height: int) -> tuple[int, int]:

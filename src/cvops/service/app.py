@@ -16,8 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cvops import __version__
 from cvops.service.limits import BodyLimitMiddleware, BodyTooLarge, body_too_large_handler
@@ -30,46 +29,69 @@ log = logging.getLogger(__name__)
 UNLOGGED_PATHS = frozenset({"/health_check", "/ready", "/metrics", "/", "/ui"})
 
 
-class RequestLogMiddleware(BaseHTTPMiddleware):
-    """Metrics and an `api_log` record for every API call (not probes)."""
+class RequestLogMiddleware:
+    """Metrics and an `api_log` record for every API call (not probes).
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        state: ServiceState = request.app.state.svc
+    Plain ASGI (no `BaseHTTPMiddleware` task group and streams per request): it holds the
+    response start until the request's records are in the spool, so a 200 that leaves the
+    worker is durable."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.worker_header = (b"x-cvops-worker", str(os.getpid()).encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        response.headers["X-Cvops-Worker"] = str(os.getpid())
-        route = request.scope.get("route")
-        route_name = getattr(route, "path", "unmatched")
-        state.metrics.requests.labels(request.method, route_name, str(response.status_code)).inc()
+        request_state = scope.setdefault("state", {})  # what `request.state` writes into
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                elapsed = time.perf_counter() - started
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), self.worker_header]
+                await self._account(scope, request_state, status, elapsed)
+            await send(message)
+
+        await self.app(scope, receive, send_logged)
+
+    async def _account(
+        self, scope: Scope, request_state: dict[str, Any], status: int, elapsed: float
+    ) -> None:
+        state: ServiceState = scope["app"].state.svc
+        route_name = getattr(scope.get("route"), "path", "unmatched")
+        state.metrics.requests.labels(scope["method"], route_name, str(status)).inc()
         state.metrics.latency.labels(route_name).observe(elapsed)
-        if request.url.path not in UNLOGGED_PATHS:
-            records = []
-            prediction = getattr(request.state, "prediction_record", None)
-            if prediction is not None:
-                records.append(("prediction", prediction))
-            records.extend(getattr(request.state, "extra_records", []))
-            records.append(
-                (
-                    "api_log",
-                    {
-                        "id": str(uuid.uuid4()),
-                        "method": request.method,
-                        "url": str(request.url.path),
-                        "status": response.status_code,
-                        "message": None,
-                        "timespan": elapsed,
-                        "created_on": dt.datetime.now(dt.UTC).isoformat(),
-                        "prediction_id": prediction["id"] if prediction else None,
-                    },
-                )
+        path = scope["path"]
+        if path in UNLOGGED_PATHS:
+            return
+        records = []
+        prediction = request_state.get("prediction_record")
+        if prediction is not None:
+            records.append(("prediction", prediction))
+        records.extend(request_state.get("extra_records", []))
+        records.append(
+            (
+                "api_log",
+                {
+                    "id": str(uuid.uuid4()),
+                    "method": scope["method"],
+                    "url": path,
+                    "status": status,
+                    "message": None,
+                    "timespan": elapsed,
+                    "created_on": dt.datetime.now(dt.UTC).isoformat(),
+                    "prediction_id": prediction["id"] if prediction else None,
+                },
             )
-            # On disk before the answer leaves: a worker killed after answering loses nothing.
-            try:
-                await asyncio.wrap_future(state.recorder.submit(records))
-            except Exception:  # the answer is ready; say loudly that its record is not
-                log.exception("request records could not be spooled (%s)", request.url.path)
-        return response
+        )
+        # On disk before the answer leaves: a worker killed after answering loses nothing.
+        try:
+            await asyncio.wrap_future(state.recorder.submit(records))
+        except Exception:  # the answer is ready; say loudly that its record is not
+            log.exception("request records could not be spooled (%s)", path)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -102,11 +124,25 @@ def model_aware_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
+def limit_tf_threads(threads: int | None) -> None:
+    """Fix TensorFlow's thread pools before its runtime starts (after that they are set)."""
+    if threads is None:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # runtime already initialised (an app created twice in one process)
+        log.debug("TensorFlow threads already fixed; %d not applied", threads)
+
+
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limit_tf_threads(settings.tf_threads)
         state = ServiceState(settings)
         app.state.svc = state
         await state.start()

@@ -138,7 +138,12 @@ def fit_within(rgb: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
-def png_base64(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def png_base64(image: np.ndarray, level: int = 1, *, bgr: bool = False) -> str:
+    """Base64 PNG of an RGB (or, with `bgr`, OpenCV-ordered) image. zlib level 1 encodes a
+    heatmap pair in about half the time of PIL's default level 6, a few percent larger."""
+    if not bgr:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, level])
+    if not ok:
+        raise ValueError(f"PNG encoding failed for an image of shape {image.shape}")
+    return base64.b64encode(encoded.tobytes()).decode("ascii")

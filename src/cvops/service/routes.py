@@ -10,13 +10,13 @@ import time
 import uuid
 from typing import Annotated, Any
 
+import cv2
 import numpy as np
-from fastapi import APIRouter, Depends, File, HTTPException, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from cvops.model.gradcam import colorize, heatmap_to_image, overlay
-from cvops.model.preprocess import resize_and_scale
+from cvops.model.gradcam import blend, colorize_bgr, heatmap_to_image
 from cvops.service.images import BadImage, fit_within, png_base64, read_upload
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.schemas import (
@@ -36,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.svc
 
 
@@ -82,18 +82,22 @@ async def ready(state: State) -> Health:
 def _prepare(
     data: bytes, model: LoadedModel, max_pixels: int, heatmap_side: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(image the heatmaps are drawn on, model input), both from one decode of the upload: the
-    model input through the shared `resize_and_scale`, the picture at most `heatmap_side` on its
-    longest side. The full decode is dropped here, before the request waits for its batch."""
+    """(image the heatmaps are drawn on (BGR), model input), both from one decode of the upload:
+    the model input through the shared `resize_and_scale`, the picture at most `heatmap_side` on
+    its longest side. The full decode is dropped here, before the request waits for its batch."""
     rgb, _ = read_upload(data, max_pixels, keep_side=max(heatmap_side, *model.size))
-    x = resize_and_scale(rgb, model.size).numpy()
-    return fit_within(rgb, heatmap_side), x
+    return cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR), model.prepare(rgb)
 
 
-def _render(rgb: np.ndarray, result: InferenceResult) -> tuple[str, str]:
-    height, width = rgb.shape[:2]
+def _render(bgr: np.ndarray, result: InferenceResult, png_level: int) -> tuple[str, str]:
+    """(heatmap, overlay) as base64 PNGs, drawn in OpenCV's channel order end to end."""
+    height, width = bgr.shape[:2]
     heat = heatmap_to_image(result.cam, width, height)
-    return png_base64(colorize(heat)), png_base64(overlay(rgb, heat))
+    coloured = colorize_bgr(heat)
+    return (
+        png_base64(coloured, png_level, bgr=True),
+        png_base64(blend(bgr, heat, coloured), png_level, bgr=True),
+    )
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"])
@@ -108,7 +112,14 @@ async def predict(
             json_schema_extra={"format": "binary", "minLength": 1},
         ),
     ],
-) -> PredictResponse:
+    heatmaps: Annotated[
+        bool,
+        Query(
+            description="false: no heatmap images in the answer (`raw_hm_img` and "
+            "`overlaid_img` are null), for clients that only need the class; cheaper"
+        ),
+    ] = True,
+) -> Response:
     """Class probabilities, Grad-CAM heatmap, UAE and BBSD features for one image."""
     model = state.model
     if model is None:
@@ -116,7 +127,7 @@ async def predict(
     started = time.perf_counter()
     data = await file.read()
     try:
-        rgb, x = await asyncio.to_thread(
+        bgr, x = await asyncio.to_thread(
             _prepare,
             data,
             model,
@@ -128,7 +139,11 @@ async def predict(
     prepared = time.perf_counter()
     result = await state.batcher.submit(InferenceItem(model, x))
     inferred = time.perf_counter()
-    raw_hm, overlaid = await asyncio.to_thread(_render, rgb, result)
+    raw_hm, overlaid = (
+        await asyncio.to_thread(_render, bgr, result, state.settings.png_compression)
+        if heatmaps
+        else (None, None)
+    )
     probs = {c: float(p) for c, p in zip(model.classes, result.probs, strict=True)}
     predicted = max(probs, key=probs.__getitem__)
     prediction_id = str(uuid.uuid4())
@@ -152,7 +167,8 @@ async def predict(
     state.metrics.predictions.labels(model.name, predicted).inc()
     stored = data if state.settings.store_images else None
     request.state.prediction_record = prediction_record(response, stored)
-    return response
+    # serialised once by pydantic: FastAPI would validate the model again, then dump it
+    return Response(response.model_dump_json(), media_type="application/json")
 
 
 def prediction_record(response: PredictResponse, data: bytes | None) -> dict[str, Any]:

@@ -15,8 +15,12 @@ class PredictResponse(BaseModel):
     hidden_feats: list[float] | None = Field(
         None, description="pooled conv features of the classifier (None: model without the layer)"
     )
-    raw_hm_img: str = Field(description="Grad-CAM heatmap, base64 PNG")
-    overlaid_img: str = Field(description="heatmap over the input, base64 PNG")
+    raw_hm_img: str | None = Field(
+        description="Grad-CAM heatmap, base64 PNG (null when asked with heatmaps=false)"
+    )
+    overlaid_img: str | None = Field(
+        description="heatmap over the input, base64 PNG (null when asked with heatmaps=false)"
+    )
     prediction_id: str
     message: str = "Success"
     timings_ms: dict[str, float] = {}

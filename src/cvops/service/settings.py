@@ -43,8 +43,22 @@ class ServiceSettings(BaseSettings):
         description="Longest side of the returned heatmap images (aspect kept); larger uploads"
         " are also decoded reduced, so time and memory per request stay bounded",
     )
-    batch_max_size: int = Field(default=16, ge=1)
-    batch_max_wait_ms: float = Field(default=5.0, ge=0)
+    tf_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="TensorFlow threads per worker (intra-op); None: the cores divided among "
+        "the workers (`cvops serve` sets it), so workers do not fight over cores",
+    )
+    png_compression: int = Field(
+        default=1, ge=0, le=9, description="zlib level of the heatmap PNGs (0-9; 1: fast)"
+    )
+    batch_max_size: int = Field(default=32, ge=1, description="most images in one model call")
+    batch_max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long a lone request waits for company; 0: never (a batch is whatever "
+        "queued while the model was busy, so batches grow with load and cost nothing at rest)",
+    )
     reload_poll_s: float = Field(default=0.25, gt=0)
     drift_refresh_s: float = Field(default=30.0, gt=0, description="drift gauges refresh period")
     store_images: bool = Field(default=True, description="Keep base64 images in predictions")
