@@ -73,7 +73,9 @@ def serve(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Flow config naming the model")
     ] = None,
-    workers: Annotated[int, typer.Option(help="gunicorn worker processes")] = 2,
+    workers: Annotated[
+        str, typer.Option(help="gunicorn worker processes, or auto: one per usable core")
+    ] = "auto",
     port: Annotated[int, typer.Option(help="TCP port")] = 8080,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default)")] = "127.0.0.1",
     model: Annotated[
@@ -89,12 +91,15 @@ def serve(
     CVOPS_SERVICE_BATCH_MAX_SIZE, CVOPS_SERVICE_BATCH_MAX_WAIT_MS, CVOPS_SERVICE_MAX_BODY_BYTES.
     """
     from cvops.config import ConfigError, load_config
+    from cvops.service.server import resolve_workers
     from cvops.service.server import serve as run_server
     from cvops.service.settings import ServiceSettings
 
     configure_logging()
-    if workers < 1:
-        fail("--workers must be at least 1")
+    try:
+        worker_count = resolve_workers(workers)
+    except ValueError:
+        fail(f"--workers must be a whole number of at least 1 or auto, not {workers!r}")
     metadata_file = model
     if metadata_file is None and config is not None:
         try:
@@ -106,7 +111,7 @@ def serve(
         elif cfg.model:
             metadata_file = f"{cfg.model.model_name}.yaml"
     run_server(
-        ServiceSettings(), host=host, port=port, workers=workers, metadata_file=metadata_file
+        ServiceSettings(), host=host, port=port, workers=worker_count, metadata_file=metadata_file
     )
 
 

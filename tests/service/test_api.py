@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 
 import numpy as np
@@ -152,6 +153,33 @@ def test_metrics_exposed(client) -> None:
     assert "cvops_requests_total" in text_body
     assert 'cvops_predictions_total{model="shapes_a"' in text_body
     assert "cvops_batch_size_bucket" in text_body
+    # where the time of a prediction goes, stage by stage
+    for stage in ("preprocess", "queue", "inference", "render", "spool"):
+        count = re.search(rf'cvops_stage_seconds_count{{stage="{stage}"}} (\S+)', text_body)
+        assert count and float(count.group(1)) >= 1, stage
+
+
+def test_predict_without_heatmaps(client, settings) -> None:
+    """A client that only needs the class skips the heatmap images; the rest is unchanged,
+    and the stored prediction has no heatmap images either."""
+    upload = {"file": ("x.png", image_bytes(seed=3))}
+    full = client.post("/predict", files=upload).json()
+    lean = client.post("/predict", params={"heatmaps": "false"}, files=upload).json()
+    assert lean["raw_hm_img"] is None and lean["overlaid_img"] is None
+    assert full["raw_hm_img"] and full["overlaid_img"]
+    assert lean["predicted_class"] == full["predicted_class"]
+    np.testing.assert_allclose(
+        list(lean["prediction"].values()), list(full["prediction"].values()), rtol=1e-5
+    )
+    assert "render" not in lean["timings_ms"] or lean["timings_ms"]["render"] < 1
+    assert client.post("/predict", params={"heatmaps": "maybe"}, files=upload).status_code == 422
+    url = settings.resolved_db_url
+    assert wait_for_rows(url, "predictions", 2) == 2
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, overlaid_img FROM predictions")).all())
+    engine.dispose()
+    assert rows[lean["prediction_id"]] is None and rows[full["prediction_id"]]
 
 
 def test_not_ready_without_model(settings, tmp_path) -> None:

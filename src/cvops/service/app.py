@@ -88,10 +88,13 @@ class RequestLogMiddleware:
             )
         )
         # On disk before the answer leaves: a worker killed after answering loses nothing.
+        spooling = time.perf_counter()
         try:
             await asyncio.wrap_future(state.recorder.submit(records))
         except Exception:  # the answer is ready; say loudly that its record is not
             log.exception("request records could not be spooled (%s)", path)
+        if prediction is not None:
+            state.metrics.stage.labels("spool").observe(time.perf_counter() - spooling)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5)
+STAGES = ("preprocess", "queue", "inference", "render", "spool")
 
 
 class ServiceMetrics:
@@ -42,6 +44,15 @@ class ServiceMetrics:
             "cvops_batch_size",
             "Images per model call",
             buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.stage = Histogram(
+            "cvops_stage_seconds",
+            "Time of one /predict in each stage: preprocess (decode, resize), queue (waiting "
+            "for the model), inference (its batch's model step), render (heatmap PNGs), spool "
+            "(waiting for the records to be on disk)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.model_info = Gauge(

@@ -144,6 +144,7 @@ async def predict(
         if heatmaps
         else (None, None)
     )
+    rendered = time.perf_counter()
     probs = {c: float(p) for c, p in zip(model.classes, result.probs, strict=True)}
     predicted = max(probs, key=probs.__getitem__)
     prediction_id = str(uuid.uuid4())
@@ -161,10 +162,16 @@ async def predict(
         timings_ms={
             "preprocess": 1000 * (prepared - started),
             "inference": 1000 * (inferred - prepared),
-            "render": 1000 * (time.perf_counter() - inferred),
+            "render": 1000 * (rendered - inferred),
         },
     )
     state.metrics.predictions.labels(model.name, predicted).inc()
+    stage = state.metrics.stage
+    stage.labels("preprocess").observe(prepared - started)
+    stage.labels("queue").observe(max(0.0, inferred - prepared - result.step_s))
+    stage.labels("inference").observe(result.step_s)
+    if heatmaps:
+        stage.labels("render").observe(rendered - inferred)
     stored = data if state.settings.store_images else None
     request.state.prediction_record = prediction_record(response, stored)
     # serialised once by pydantic: FastAPI would validate the model again, then dump it

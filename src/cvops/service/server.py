@@ -57,18 +57,47 @@ def prepare(settings: ServiceSettings, metadata_file: str | None) -> str | None:
     return chosen
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def resolve_workers(workers: int | str) -> int:
+    """`auto`: one worker per usable core. Each worker's Python (HTTP, decoding, heatmaps)
+    holds its own GIL, and the model step runs on the worker's own TensorFlow threads; on
+    2 cores, 2 workers of 1 TensorFlow thread each outran 1 worker of 2 (benchmarks/serve.py)."""
+    if workers == "auto":
+        return usable_cores()
+    count = int(workers)
+    if count < 1:
+        raise ValueError("workers must be at least 1 or 'auto'")
+    return count
+
+
+def tf_threads_per_worker(workers: int) -> int:
+    return max(1, usable_cores() // workers)
+
+
 def serve(
     settings: ServiceSettings,
     *,
     host: str = "127.0.0.1",
     port: int = 8080,
-    workers: int = 2,
+    workers: int | str = "auto",
     metadata_file: str | None = None,
     timeout_s: int = 120,
 ) -> None:
+    workers = resolve_workers(workers)
+    if settings.tf_threads is None:  # share the cores out, else every worker takes them all
+        settings = settings.model_copy(update={"tf_threads": max(1, usable_cores() // workers)})
     chosen = prepare(settings, metadata_file)
     log.info(
-        "Serving %s on http://%s:%d with %d workers", chosen or "no model yet", host, port, workers
+        "Serving %s on http://%s:%d with %d workers of %d TensorFlow threads",
+        chosen or "no model yet",
+        host,
+        port,
+        workers,
+        settings.tf_threads,
     )
     options = {
         "bind": f"{host}:{port}",

@@ -38,6 +38,7 @@ class InferenceResult:
     bbsd: np.ndarray
     hidden: np.ndarray  # empty when the model has no hidden-feature layer
     cam: np.ndarray
+    step_s: float = 0.0  # the model call of this item's batch (the rest of its wait is queue)
 
 
 def run_batch(items: Sequence[InferenceItem]) -> list[InferenceResult]:
@@ -48,9 +49,13 @@ def run_batch(items: Sequence[InferenceItem]) -> list[InferenceResult]:
         groups.setdefault(id(item.model), []).append(i)
     for indices in groups.values():
         model = items[indices[0]].model
+        started = time.perf_counter()
         probs, uae, bbsd, hidden, cams = model.infer(np.stack([items[i].image for i in indices]))
+        step_s = time.perf_counter() - started
         for row, i in enumerate(indices):
-            results[i] = InferenceResult(probs[row], uae[row], bbsd[row], hidden[row], cams[row])
+            results[i] = InferenceResult(
+                probs[row], uae[row], bbsd[row], hidden[row], cams[row], step_s
+            )
     return results  # type: ignore[return-value]
 
 
