@@ -78,9 +78,10 @@ class ModelConfig(StrictModel):
     save_dir: Path = Path("models")
     drift_detection: DriftDetectionConfig = DriftDetectionConfig()
     backbone: Backbone = Field(
-        default="reference_cnn",
-        description="the network (cvops.model.backbones): reference_cnn (the reference's CNN), "
-        "small_cnn, or a keras.applications family",
+        default="small_cnn",
+        description="the network (cvops.model.backbones): small_cnn (default, chosen by "
+        "benchmarks/results/accuracy.md), reference_cnn (the reference's CNN, layer for layer), "
+        "or a keras.applications family",
     )
     weights: str = Field(
         default=None,  # type: ignore[assignment]  # resolved per backbone by _weights
@@ -104,7 +105,9 @@ class ModelConfig(StrictModel):
     @classmethod
     def _weights(cls, weights: Any, info: ValidationInfo) -> str:
         """Resolve the default and check the file exists now, not after an hour of setup."""
-        backbone = info.data.get("backbone", "reference_cnn")
+        if "backbone" not in info.data:  # its own error says why; none here to add to it
+            return "none" if weights is None else str(weights)
+        backbone = info.data["backbone"]
         pretrainable = backbone in APPLICATION_BACKBONES
         if weights is None:
             return "imagenet" if pretrainable else "none"

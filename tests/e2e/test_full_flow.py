@@ -93,7 +93,10 @@ def test_package_in_central_storage_loads_with_right_shapes(project: dict) -> No
     assert len(ref) == 20
     assert {len(v) for v in ref["uae_feats"]} == {32}
     assert {len(v) for v in ref["bbsd_feats"]} == {3}
-    assert {len(v) for v in ref["hidden_feats"]} == {64}  # the pooled conv features
+    # the pooled conv features of the default backbone (small_cnn: 128 channels)
+    assert meta.backbone == "small_cnn" and meta.weights == "none"
+    assert model.get_layer("features").output.shape[-1] == 128
+    assert {len(v) for v in ref["hidden_feats"]} == {128}
     assert set(ref["label"]) <= set(CLASSES_3)
 
 

@@ -82,6 +82,8 @@ def train_package(storage: Path, data: Path, classes: list[str]) -> str:
         input_size=InputSize(w=50, h=50),
         classes=classes,
         drift_detection=drift,
+        backbone=cfg.model.backbone,
+        weights=cfg.model.weights,
         created_on=utc_now(),
         **names,
     )

@@ -78,10 +78,22 @@ def config(tmp_path: Path, model: dict[str, object], **train: object) -> object:
 # --- config ------------------------------------------------------------------------------------
 
 
-def test_reference_config_builds_the_reference_cnn() -> None:
+def test_default_backbone_is_small_cnn_and_the_reference_cnn_stays_selectable() -> None:
+    """The default was chosen by measurement (benchmarks/results/accuracy.md); a config
+    without model.backbone (a reference config) now trains small_cnn from scratch."""
     cfg = parse_config({"flow_module": "cvops.flows.train_flow", "model": model_section()})
-    assert cfg.model.backbone == "reference_cnn" and cfg.model.weights == "none"
+    assert cfg.model.backbone == "small_cnn" and cfg.model.weights == "none"
     assert cfg.train is None  # finetune defaults live in train, which this config lacks
+    model = build_model((SIZE, SIZE), 3, backbone=cfg.model.backbone, weights=cfg.model.weights)
+    assert model.name == "cvops_small_cnn" and nested_backbone(model).name == "small_cnn"
+
+    cfg = parse_config(
+        {
+            "flow_module": "cvops.flows.train_flow",
+            "model": model_section(backbone="reference_cnn"),
+        }
+    )
+    assert cfg.model.backbone == "reference_cnn" and cfg.model.weights == "none"
     model = build_model((SIZE, SIZE), 3, backbone=cfg.model.backbone, weights=cfg.model.weights)
     assert model.name == "cvops_cnn" and nested_backbone(model) is None
 
@@ -123,7 +135,9 @@ def test_weights_default_per_backbone_and_flow_into_metadata() -> None:
         ({"backbone": "small_cnn", "weights": "/nowhere/w.weights.h5"}, "model.weights",
          ["/nowhere/w.weights.h5", "not found", "small_cnn"]),
         ({"backbone": "small_cnn", "weights": "imagenet"}, "model.weights", ["no imagenet"]),
-        ({"weights": "imagenet"}, "model.weights", ["reference_cnn", "none"]),
+        ({"backbone": "reference_cnn", "weights": "imagenet"}, "model.weights",
+         ["reference_cnn", "none"]),
+        ({"weights": "imagenet"}, "model.weights", ["small_cnn", "no imagenet"]),
         ({"backbone": "mobilenet_v3_small", "input_size": {"w": 28, "h": 64}}, "model.backbone",
          ["at least 32x32", "28x64"]),
     ],
@@ -135,6 +149,17 @@ def test_bad_backbone_or_weights_fail_at_config_load(
         parse_config({"flow_module": "cvops.flows.train_flow", "model": model_section(**extra)})
     message = str(err.value)
     assert f"{field}:" in message and all(w in message for w in words), message
+
+
+def test_a_bad_backbone_is_one_error_not_also_one_about_its_weights() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {
+                "flow_module": "cvops.flows.train_flow",
+                "model": model_section(backbone="vgg99", weights="imagenet"),
+            }
+        )
+    assert "model.backbone:" in str(err.value) and "model.weights" not in str(err.value)
 
 
 def test_finetune_defaults_and_bounds(tmp_path: Path) -> None:
