@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cvops.model.preprocess import preprocess_image
+from cvops.model.preprocess import preprocess_image, resize_and_scale, resize_and_scale_matrices
 
 
 def encode(array: np.ndarray, fmt: str) -> bytes:
@@ -57,3 +57,23 @@ def test_same_result_eager_and_in_tf_data() -> None:
 def test_not_an_image_raises() -> None:
     with pytest.raises(tf.errors.InvalidArgumentError):
         preprocess_image(b"this is not an image", (50, 50))
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((90, 120), (50, 50)),  # the usual downscale
+        ((37, 501), (50, 50)),  # extreme aspect
+        ((20, 30), (50, 60)),  # upscale
+        ((50, 50), (50, 50)),  # identity
+        ((1, 1), (50, 50)),
+        ((1000, 700), (224, 224)),
+    ],
+)
+def test_service_matrices_equal_training_resize(shape: tuple[int, int], size: tuple[int, int]):
+    """The service's NumPy form of `resize_and_scale` gives training's numbers."""
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    expected = resize_and_scale(image, size).numpy()
+    got = resize_and_scale_matrices(image, size)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import threadpoolctl
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -127,8 +128,11 @@ def model_aware_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def limit_tf_threads(threads: int | None) -> None:
-    """Fix TensorFlow's thread pools before its runtime starts (after that they are set)."""
+def limit_threads(threads: int | None) -> None:
+    """Fix TensorFlow's thread pools before its runtime starts (after that they are set), and
+    keep BLAS to one thread: its matrices here are tiny (preprocessing), where threads only
+    spin."""
+    threadpoolctl.threadpool_limits(1, user_api="blas")
     if threads is None:
         return
     import tensorflow as tf
@@ -145,7 +149,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limit_tf_threads(settings.tf_threads)
+        limit_threads(settings.tf_threads)
         state = ServiceState(settings)
         app.state.svc = state
         await state.start()

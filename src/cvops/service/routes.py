@@ -8,7 +8,8 @@ import datetime as dt
 import hmac
 import time
 import uuid
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import cv2
 import numpy as np
@@ -17,7 +18,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cvops.model.gradcam import blend, colorize_bgr, heatmap_to_image
-from cvops.service.images import BadImage, fit_within, png_base64, read_upload
+from cvops.service.images import BadImage, fit_within, png_base64, read_upload, upload_pixels
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.schemas import (
     ErrorResponse,
@@ -30,6 +31,8 @@ from cvops.service.schemas import (
 from cvops.service.state import InferenceItem, InferenceResult, ServiceState
 
 router = APIRouter()
+T = TypeVar("T")
+INLINE_MAX_PIXELS = 500_000  # an 800x600 upload: decoded and drawn in a few ms
 bearer = HTTPBearer(auto_error=False)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)
@@ -89,6 +92,15 @@ def _prepare(
     return cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR), model.prepare(rgb)
 
 
+async def _run_sized(pixels: int, fn: Callable[..., T], *args: Any) -> T:
+    """Small images on the event loop, large ones in a thread. A thread hop costs more than
+    decoding or drawing a small image, and the GIL serialises the Python part anyway; a large
+    one would hold up every other request of the worker (its probes too)."""
+    if pixels <= INLINE_MAX_PIXELS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def _render(bgr: np.ndarray, result: InferenceResult, png_level: int) -> tuple[str, str]:
     """(heatmap, overlay) as base64 PNGs, drawn in OpenCV's channel order end to end."""
     height, width = bgr.shape[:2]
@@ -127,7 +139,8 @@ async def predict(
     started = time.perf_counter()
     data = await file.read()
     try:
-        bgr, x = await asyncio.to_thread(
+        bgr, x = await _run_sized(
+            upload_pixels(data),
             _prepare,
             data,
             model,
@@ -139,8 +152,9 @@ async def predict(
     prepared = time.perf_counter()
     result = await state.batcher.submit(InferenceItem(model, x))
     inferred = time.perf_counter()
+    png_level = state.settings.png_compression
     raw_hm, overlaid = (
-        await asyncio.to_thread(_render, bgr, result, state.settings.png_compression)
+        await _run_sized(bgr.shape[0] * bgr.shape[1], _render, bgr, result, png_level)
         if heatmaps
         else (None, None)
     )
