@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +12,8 @@ import tensorflow as tf
 
 from cvops.model.build import build_model
 from cvops.model.gradcam import (
+    colorize,
+    colorize_bgr,
     gradcam,
     gradient_model,
     heatmap_to_image,
@@ -116,3 +119,12 @@ def test_heatmap_peak_inside_object_box_on_trained_model(tmp_path: Path, backbon
     print(f"test accuracy {accuracy:.3f}; Grad-CAM peak inside box: {rate:.3f} of {len(heatmaps)}")
     assert accuracy > 0.6
     assert rate >= 0.8
+
+
+def test_colour_table_is_opencv_jet() -> None:
+    """The service's table lookup draws exactly what `cv2.applyColorMap(JET)` draws."""
+    heat = np.random.default_rng(0).random((45, 61)).astype(np.float32)
+    heat[heat < 0.2] = 0.0
+    expected = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)
+    np.testing.assert_array_equal(colorize_bgr(heat), expected)
+    np.testing.assert_array_equal(colorize(heat), cv2.cvtColor(expected, cv2.COLOR_BGR2RGB))

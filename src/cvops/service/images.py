@@ -151,11 +151,13 @@ def fit_within(rgb: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def png_base64(image: np.ndarray, level: int = 1, *, bgr: bool = False) -> str:
-    """Base64 PNG of an RGB (or, with `bgr`, OpenCV-ordered) image. zlib level 1 encodes a
-    heatmap pair in about half the time of PIL's default level 6, a few percent larger."""
+    """Base64 PNG of an RGB (or, with `bgr`, OpenCV-ordered) image. zlib level 1 and the one
+    SUB row filter (instead of trying every filter per row) encode a heatmap pair in about a
+    quarter of the time of PIL's default, for files a few percent larger."""
     if not bgr:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, level])
+    sub_filter = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, level, *sub_filter])
     if not ok:
         raise ValueError(f"PNG encoding failed for an image of shape {image.shape}")
     return base64.b64encode(encoded.tobytes()).decode("ascii")
