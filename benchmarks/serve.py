@@ -619,6 +619,7 @@ def run_cvops(
     image: bytes,
     scale: float,
     workers: int,
+    extra_env: dict[str, str] | None = None,
 ) -> ServiceRun:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -630,6 +631,7 @@ def run_cvops(
         CVOPS_SERVICE_ADMIN_TOKEN=ADMIN_TOKEN,
         CVOPS_SERVICE_DB_URL=pg.create_database("cvops"),
     )
+    env.update(extra_env or {})
     cmd = [sys.executable, "-m", "cvops.cli", "serve", "--workers", str(workers), "--port"]
     cmd += [str(port), "--model", pkg.metadata_file]
     # cwd: a folder without .env, so only the variables above configure the service
@@ -907,8 +909,13 @@ def report(
             if not args.skip_reference
             else "- reference: left out (`--skip-reference`)"
         ),
-        f"- cvops: `python -m cvops.cli serve --workers {args.workers}`, default service "
-        "settings (`CVOPS_SERVICE_DB_URL`, `CVOPS_STATE_DIR`, `CVOPS_SERVICE_ADMIN_TOKEN` set)",
+        f"- cvops: `python -m cvops.cli serve --workers {args.workers}`, "
+        + (
+            "settings changed: " + ", ".join(f"`{k}={v}`" for k, v in args.cvops_env.items())
+            if args.cvops_env
+            else "default service settings"
+        )
+        + " (`CVOPS_SERVICE_DB_URL`, `CVOPS_STATE_DIR`, `CVOPS_SERVICE_ADMIN_TOKEN` set)",
         "- database: one throwaway PostgreSQL "
         f"{pg_version} cluster on 127.0.0.1 started by the script, one database per service",
         "- load: a minimal asyncio HTTP/1.1 client (prebuilt multipart request, one keep-alive "
@@ -1021,6 +1028,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the reference service folder (with app/start_service.sh)",
     )
     parser.add_argument(
+        "--cvops-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a service setting for cvops (e.g. CVOPS_SERVICE_SPOOL_FSYNC=false); repeatable",
+    )
+    parser.add_argument(
         "--untrained",
         action="store_true",
         help="serve an untrained (but complete) package instead of training one briefly",
@@ -1028,6 +1042,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.requests_scale <= 0:
         parser.error("--workers and --requests-scale must be positive")
+    if any("=" not in item for item in args.cvops_env):
+        parser.error("--cvops-env takes KEY=VALUE")
+    args.cvops_env = dict(item.split("=", 1) for item in args.cvops_env)
     args.baseline = args.baseline.resolve()
     args.baseline_label = os.path.relpath(args.baseline, REPO)
     return args
@@ -1075,7 +1092,18 @@ def main(argv: list[str] | None = None) -> int:
                 run_reference(args.baseline, storage_root, pg, tmp, pkg, image, args.requests_scale)
             )
         print(f"cvops serve --workers {args.workers}:")
-        runs.append(run_cvops(storage_root, pg, tmp, pkg, image, args.requests_scale, args.workers))
+        runs.append(
+            run_cvops(
+                storage_root,
+                pg,
+                tmp,
+                pkg,
+                image,
+                args.requests_scale,
+                args.workers,
+                args.cvops_env,
+            )
+        )
         pg.stop()
         print("compute floor (services stopped) ...")
         floor = compute_floor(storage_root, pkg, image)
