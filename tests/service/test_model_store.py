@@ -46,3 +46,30 @@ def test_model_without_hidden_layer_stores_null(tmp_path: Path) -> None:
         stored = conn.execute(text("SELECT hidden_feats FROM predictions")).scalar_one()
     engine.dispose()
     assert stored is None
+
+
+def test_bbsd_read_off_the_classifier_equals_the_packaged_detector(tmp_path: Path) -> None:
+    """BBSD from the Grad-CAM forward pass gives the packaged detector's numbers; a detector
+    that is not the classifier's own (changed weights) keeps its own pass, and its numbers."""
+    import keras
+
+    from cvops.service.model_store import shared_bbsd_tensor
+    from cvops.storage import read_metadata
+
+    package(tmp_path, "shared", "1", seed=4)
+    storage = CentralStorage(tmp_path)
+    meta = read_metadata(storage.metadata_path("shared.yaml"))
+    model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
+    bbsd = keras.models.load_model(storage.resolve(meta.bbsd_model_path), compile=False)
+    assert shared_bbsd_tensor(model, bbsd, -1, (50, 50)) is not None
+    batch = np.random.default_rng(1).random((3, 50, 50, 3), dtype=np.float32)
+    _, _, bbsd_feats, _, _ = load_model(storage, "shared.yaml").infer(batch)
+    np.testing.assert_allclose(bbsd_feats, bbsd(batch).numpy(), rtol=1e-5, atol=1e-6)
+
+    changed = [w + 0.01 for w in bbsd.get_weights()]  # a detector that is not the classifier
+    bbsd.set_weights(changed)
+    bbsd.save(storage.resolve(meta.bbsd_model_path))
+    assert shared_bbsd_tensor(model, bbsd, -1, (50, 50)) is None
+    probs, _, bbsd_feats, _, _ = load_model(storage, "shared.yaml").infer(batch)
+    np.testing.assert_allclose(bbsd_feats, bbsd(batch).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(bbsd_feats, probs, atol=1e-4)

@@ -118,6 +118,30 @@ def compile_preprocess(size: tuple[int, int]) -> PrepareFn:
     return prepare
 
 
+def shared_bbsd_tensor(
+    model: keras.Model, bbsd: keras.Model, layer_idx: int, input_size: tuple[int, int]
+) -> keras.KerasTensor | None:
+    """The classifier's own tensor that the packaged BBSD detector computes, when it provably
+    is one (the classifier's weights, its outputs on a probe batch); the step then reads BBSD
+    off the Grad-CAM forward pass instead of running the classifier a second time (40% of the
+    reference CNN's step). None for a detector made any other way: it keeps its own pass."""
+    try:
+        tensor = model.layers[layer_idx].output
+    except (IndexError, AttributeError, ValueError):
+        return None
+    own, theirs = model.get_weights(), bbsd.get_weights()
+    if len(theirs) > len(own) or not all(
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(theirs, own, strict=False)
+    ):
+        return None
+    probe = np.random.default_rng(0).random((2, *input_size, 3), dtype=np.float32)
+    expected = np.asarray(bbsd(probe, training=False))
+    got = np.asarray(keras.Model(model.input, tensor)(probe, training=False))
+    if expected.shape != got.shape or not np.allclose(expected, got, rtol=1e-5, atol=1e-6):
+        return None
+    return tensor
+
+
 def compile_inference(
     model: keras.Model,
     uae: keras.Model,
@@ -126,16 +150,29 @@ def compile_inference(
     hidden: keras.Model | None = None,
 ) -> InferFn:
     """One traced step: probabilities + Grad-CAM, UAE, BBSD and (when the model has the layer)
-    hidden features for a batch; without the layer the hidden features are (batch, 0)."""
+    hidden features for a batch; without the layer the hidden features are (batch, 0). One
+    forward pass through the classifier serves Grad-CAM, the hidden features and BBSD."""
     h, w = meta.input_size.h, meta.input_size.w
-    # hidden features from the Grad-CAM forward pass: no second pass through the conv trunk
-    grad_model = gradient_model(model, (hidden.output,) if hidden is not None else ())
+    shared = shared_bbsd_tensor(model, bbsd, meta.drift_detection.bbsd_layer_idx, (h, w))
+    bbsd_is_probs = shared is not None and shared is model.outputs[0]
+    extras = [hidden.output] if hidden is not None else []
+    if shared is not None and not bbsd_is_probs:
+        extras.append(shared)
+    grad_model = gradient_model(model, tuple(extras))
+    has_hidden = hidden is not None
+    log.info("BBSD %s", "from the classifier's forward pass" if shared is not None else "own pass")
 
     @tf.function(input_signature=[tf.TensorSpec((None, h, w, 3), tf.float32)])
     def step(images: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        probs, cams, extras = gradcam_and_extras(grad_model, images)
-        feats = extras[0] if extras else tf.zeros((tf.shape(images)[0], 0), tf.float32)
-        return probs, uae(images, training=False), bbsd(images, training=False), feats, cams
+        probs, cams, outputs = gradcam_and_extras(grad_model, images)
+        feats = outputs[0] if has_hidden else tf.zeros((tf.shape(images)[0], 0), tf.float32)
+        if bbsd_is_probs:
+            bbsd_feats = probs
+        elif shared is not None:
+            bbsd_feats = outputs[-1]
+        else:
+            bbsd_feats = bbsd(images, training=False)
+        return probs, uae(images, training=False), bbsd_feats, feats, cams
 
     def infer(batch: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(t.numpy() for t in step(tf.convert_to_tensor(batch)))
