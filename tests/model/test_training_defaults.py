@@ -10,10 +10,12 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from cvops.config import AugmentationConfig, FlowConfig, parse_config
 from cvops.model.callbacks import (
     OUTCOME_KEYS,
+    BatchNormRecalibration,
     BestEpochStopping,
     class_weights,
     training_callbacks,
@@ -219,6 +221,66 @@ def test_vertical_flip_option_flips_up_down_only() -> None:
     assert 0 < sum(flipped) < 32
     both = build_augmenter(AugmentationConfig(**{**off, "horizontal_flip": True}), 0)
     assert both is not None and both.layers[0].mode == "horizontal"
+
+
+def bn_model(momentum: float = 0.99) -> tuple[keras.Model, keras.layers.Layer, keras.layers.Layer]:
+    """input -> BatchNorm (trainable, first: its statistics are the input's) -> frozen
+    BatchNorm -> Dense(3)."""
+    inputs = keras.Input((4,))
+    trained = keras.layers.BatchNormalization(momentum=momentum, name="trained")
+    frozen = keras.layers.BatchNormalization(name="frozen")
+    frozen.trainable = False
+    outputs = keras.layers.Dense(3, activation="softmax")(frozen(trained(inputs)))
+    return keras.Model(inputs, outputs), trained, frozen
+
+
+def calibration_data() -> tuple[np.ndarray, tf.data.Dataset]:
+    x = np.random.default_rng(4).normal(3.0, 2.0, size=(64, 4)).astype("float32")
+    return x, tf.data.Dataset.from_tensor_slices((x, np.zeros(64, "int32"))).batch(16)
+
+
+def test_batchnorm_recalibration_sets_the_mean_of_the_batch_statistics() -> None:
+    x, dataset = calibration_data()
+    model, trained, frozen = bn_model()
+    callback = BatchNormRecalibration(dataset, has_validation=True)
+    callback.set_model(model)
+    assert callback.recalibrate() == 1
+    batches = x.reshape(4, 16, 4)
+    np.testing.assert_allclose(trained.moving_mean.numpy(), batches.mean(1).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(trained.moving_variance.numpy(), batches.var(1).mean(0), rtol=1e-4)
+    assert trained.momentum == 0.99  # restored
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), np.zeros(4))  # untouched
+    np.testing.assert_array_equal(frozen.moving_variance.numpy(), np.ones(4))
+
+
+@pytest.mark.parametrize("has_validation", [True, False])
+def test_batchnorm_recalibration_runs_before_validation_or_at_the_end(has_validation) -> None:
+    """After a short fit the moving statistics are the calibration data's, not the lagging
+    averages (momentum 0.99: still near their initial 0 and 1 after 8 steps)."""
+    x, dataset = calibration_data()
+    y = np.random.default_rng(5).integers(0, 3, 64)
+    model, trained, _ = bn_model()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    seen: list[np.ndarray] = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+            seen.append(trained.moving_mean.numpy().copy())
+
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        validation_data=(x, y) if has_validation else None,
+        callbacks=[BatchNormRecalibration(dataset, has_validation=has_validation), Probe()],
+        verbose=0,
+    )
+    expected = x.reshape(4, 16, 4).mean(1).mean(0)
+    np.testing.assert_allclose(trained.moving_mean.numpy(), expected, rtol=1e-5)
+    assert len(seen) == (2 if has_validation else 0)
+    for mean in seen:  # every validation pass saw the recalibrated statistics
+        np.testing.assert_allclose(mean, expected, rtol=1e-5)
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ from cvops.config import FlowConfig
 from cvops.data.images import check_classes, index_split, select_classes, stratified_split
 from cvops.model.backbones import set_backbone_trainable, training_phases
 from cvops.model.build import build_model, make_optimizer
-from cvops.model.callbacks import class_weights, training_callbacks
+from cvops.model.callbacks import BatchNormRecalibration, class_weights, training_callbacks
 from cvops.model.drift import (
     build_bbsd,
     build_hidden,
@@ -26,6 +26,9 @@ from cvops.model.drift import (
 from cvops.model.pipeline import make_dataset
 
 log = logging.getLogger(__name__)
+
+# training images whose BatchNorm statistics replace the moving averages before validation
+BN_RECALIBRATION_IMAGES = 512
 
 
 @dataclass
@@ -92,6 +95,10 @@ def fit_model(
     )
     val_ds = split_dataset(cfg, splits.val) if len(splits.val) else None
     train_ds = split_dataset(cfg, splits.train, training=True)
+    sample = splits.train
+    if len(sample) > BN_RECALIBRATION_IMAGES:
+        sample = sample.sample(n=BN_RECALIBRATION_IMAGES, random_state=cfg.seed)
+    calibration = split_dataset(cfg, sample.reset_index(drop=True))  # unaugmented, cached
     ft = cfg.train.finetune
     phases = training_phases(
         cfg.model.weights, hp.epochs, ft.warmup_epochs, ft.unfreeze_fraction, ft.lr_factor
@@ -121,6 +128,7 @@ def fit_model(
             epochs=phase.until_epoch,
             # ours first: the caller's (MLflow) then see learning_rate and the restored weights
             callbacks=[
+                BatchNormRecalibration(calibration, has_validation=val_ds is not None),
                 *training_callbacks(cfg, val_ds is not None, epochs=phase.until_epoch - epoch),
                 *(callbacks or []),
             ],
