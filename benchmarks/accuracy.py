@@ -46,6 +46,7 @@ import platform
 import shutil
 import tempfile
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from cvops.config import Backbone
+
 REPO = Path(__file__).resolve().parents[1]
-BACKBONES = (
-    "reference_cnn",
-    "small_cnn",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_v2_b0",
-    "resnet50",
-)
+BACKBONES = typing.get_args(Backbone)  # every backbone the config accepts, in its order
 PRETRAINED = ("small_cnn", "mobilenet_v3_small")  # fine-tuned on digits from their demo backbone
 # the largest families train at --heavy-factor x the budget (default 0.5) to keep the whole run
 # near an hour on 2 cores; on 2 cores they get only a few epochs either way

@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from cvops.background import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = REPO.parent / "shared" / "baselines" / "reference_dl_service"
@@ -68,12 +69,6 @@ TRAIN_EPOCHS = 4
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
@@ -119,6 +114,13 @@ class Service:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def wait_answering(self, url: str, timeout: float = 240) -> None:
+        """Until `url` answers 200; raises (with the log) if it does not or the process exits."""
+        if not wait_for(lambda: http_ok(url) or not self.running(), timeout):
+            raise self.fail(f"no 200 from {url} in {timeout:.0f} s")
+        if not self.running():
+            raise self.fail("exited during start-up")
 
     def fail(self, why: str) -> RuntimeError:
         return RuntimeError(f"{self.name}: {why}; its log ends with:\n{self.log_tail()}")
@@ -568,10 +570,7 @@ def run_reference(
         service.start()
         stack.callback(service.stop)
         started = time.monotonic()
-        if not wait_for(lambda: http_ok(f"{base}/health_check") or not service.running(), 240):
-            raise service.fail("no /health_check 200 in 240 s")
-        if not service.running():
-            raise service.fail("exited during start-up")
+        service.wait_answering(f"{base}/health_check")
         put = httpx.put(f"{base}/update_model/{pkg.metadata_file}", timeout=300)
         if put.status_code != 200:
             raise service.fail(f"PUT /update_model answered {put.status_code}: {put.text}")
@@ -642,10 +641,7 @@ def run_cvops(
         service.start()
         stack.callback(service.stop)
         started = time.monotonic()
-        if not wait_for(lambda: http_ok(f"{base}/ready") or not service.running(), 240):
-            raise service.fail("no /ready 200 in 240 s")
-        if not service.running():
-            raise service.fail("exited during start-up")
+        service.wait_answering(f"{base}/ready")
         # /ready answers once one worker has loaded the model: wait for every worker's ack
         acks = state_dir / "service" / "workers"
         if not wait_for(lambda: len(list(acks.glob("[0-9]*"))) >= workers, 120):
