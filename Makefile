@@ -57,7 +57,7 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks scripts run_flow.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra kubernetes --python-version 3.11 -o requirements.lock
 
 bench: setup
 	$(BIN)/python benchmarks/train_input.py
