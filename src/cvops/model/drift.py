@@ -81,9 +81,11 @@ def reference_frame(
     targets: np.ndarray,
     classes: list[str],
     hidden_feats: np.ndarray | None = None,
+    properties: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Columns `uae_feats`, `bbsd_feats` (lists of floats), `label` (class name) and, when the
-    model has a hidden-feature layer, `hidden_feats`."""
+    """Columns `uae_feats`, `bbsd_feats` (lists of floats), `label` (class name), when the
+    model has a hidden-feature layer `hidden_feats`, and the images' `prop_<name>` columns
+    (`cvops.data.properties`) when given."""
     columns = {
         "uae_feats": [row.astype("float32").tolist() for row in uae_feats],
         "bbsd_feats": [row.astype("float32").tolist() for row in bbsd_feats],
@@ -91,4 +93,7 @@ def reference_frame(
     }
     if hidden_feats is not None:
         columns["hidden_feats"] = [row.astype("float32").tolist() for row in hidden_feats]
-    return pd.DataFrame(columns)
+    frame = pd.DataFrame(columns)
+    if properties is not None:
+        frame = pd.concat([frame, properties.reset_index(drop=True)], axis=1)
+    return frame

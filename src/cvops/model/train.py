@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from cvops.config import FlowConfig
 from cvops.data.images import check_classes, index_split, select_classes, stratified_split
+from cvops.data.properties import properties_frame
 from cvops.model.backbones import set_backbone_trainable, training_phases
 from cvops.model.build import build_model, make_optimizer
 from cvops.model.callbacks import BatchNormRecalibration, class_weights, training_callbacks
@@ -158,7 +159,8 @@ def build_detectors(
     uae_feats, bbsd_feats, targets = embed(uae, bbsd, ds)
     hidden = build_hidden(model, drift.hidden_layer)
     hidden_feats = features(hidden, ds) if hidden is not None else None
-    ref = reference_frame(uae_feats, bbsd_feats, targets, cfg.model.classes, hidden_feats)
+    props = properties_frame((images.numpy() for images, _ in ds), sample["path"].tolist())
+    ref = reference_frame(uae_feats, bbsd_feats, targets, cfg.model.classes, hidden_feats, props)
     log.info("Reference data: %d rows (uae %d-d, bbsd %d-d)", len(ref), *_dims(ref))
     return uae, bbsd, ref
 

@@ -52,6 +52,11 @@ class Prediction(Base):
     uae_feats: Mapped[list[float]] = mapped_column(FloatArray)
     bbsd_feats: Mapped[list[float]] = mapped_column(FloatArray)
     hidden_feats: Mapped[list[float] | None] = mapped_column(FloatArray, nullable=True)
+    # {property: value} of the upload (cvops.data.properties); NULL for rows written before
+    # revision 0008 or whose properties could not be computed
+    image_props: Mapped[dict[str, float] | None] = mapped_column(
+        JSON(none_as_null=True), nullable=True
+    )
     created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
@@ -119,6 +124,23 @@ class DriftReport(Base):
     drifted: Mapped[bool] = mapped_column(Boolean)
 
 
+class DriftCause(Base):
+    """Why a monitor run's window differs from the reference (one row per run, next to its
+    `drift_reports` rows): the sentence, the top cause and the ranked evidence as JSON
+    (`cvops.monitor.causes.CauseReport.as_dict`)."""
+
+    __tablename__ = "drift_causes"
+
+    run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    drifted: Mapped[bool] = mapped_column(Boolean)
+    sentence: Mapped[str] = mapped_column(Text)
+    top_cause: Mapped[str | None] = mapped_column(String(40))
+    details: Mapped[dict] = mapped_column(JSON)
+
+
 def private_file(path: Path) -> None:
     """Create `path` (if missing) readable by its owner only: these files hold uploads."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -161,3 +183,17 @@ def latest_drift_rows(engine: Engine, model_name: str) -> list[DriftReport]:
         if newest is None:
             return []
         return list(session.scalars(select(DriftReport).where(DriftReport.run_id == newest)))
+
+
+def latest_drift_cause(engine: Engine, model_name: str) -> DriftCause | None:
+    """The cause row of the newest monitor run that has one (None before the first)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session:
+        return session.scalars(
+            select(DriftCause)
+            .where(DriftCause.model_name == model_name)
+            .order_by(DriftCause.created_on.desc())
+            .limit(1)
+        ).first()

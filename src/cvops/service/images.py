@@ -50,16 +50,15 @@ def read_upload(
     return (rgb if keep_side is None else _reduce(rgb, keep_side)), fmt
 
 
-def upload_pixels(data: bytes) -> int:
-    """Pixel count from the header alone (no decode); 0 when it cannot be read (then
+def upload_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone (no decode); (0, 0) when it cannot be read (then
     `read_upload` fails fast with the reason)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            width, height = Image.open(io.BytesIO(data)).size
+            return Image.open(io.BytesIO(data)).size
     except Exception:  # any unreadable upload: read_upload names the problem
-        return 0
-    return width * height
+        return 0, 0
 
 
 def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:

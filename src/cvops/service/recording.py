@@ -6,6 +6,12 @@ flusher thread moves them to the prediction DB in batches with `ON CONFLICT DO N
 batch re-sent after an outage lands exactly once. If the database is down or slow the service
 keeps answering; records wait in the spool and are written when it is back. Spool files left by
 a dead worker are adopted by the next flusher that can lock them.
+
+Image properties (`cvops.data.properties`, for the monitor's drift causes) are computed here,
+off the request path: a request hands its model input to `Recorder.keep_input` (a reference,
+no copy or work), and the flusher measures it as it moves the prediction to the database. Held
+inputs are bounded in memory; a prediction whose input was not held (a long database outage,
+a spool adopted from a dead worker) is stored without properties.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import datetime as dt
 import fcntl
 import json
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -26,6 +33,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
@@ -39,6 +47,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
+from cvops.data.properties import input_properties
 from cvops.service.db import (
     ApiLog,
     DeadLetter,
@@ -247,6 +256,7 @@ class Recorder:
         interval_s: float = 0.5,
         fsync: bool = True,
         on_dead_letter: Callable[[str], None] | None = None,
+        input_buffer_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.engine = make_engine(db_url)
         self.spool_dir = spool_dir
@@ -263,6 +273,12 @@ class Recorder:
         self.db_available = False
         self.dead_letters = 0
         self._on_dead_letter = on_dead_letter
+        # prediction id -> (model input, original width, height, when held), until written
+        self._inputs: dict[str, tuple[np.ndarray, int, int, float]] = {}
+        self._inputs_bytes = 0
+        self._inputs_limit = input_buffer_bytes
+        self._inputs_lock = threading.Lock()
+        self.inputs_dropped = 0
 
     def submit(self, records: list[tuple[str, dict[str, Any]]]) -> Future[None]:
         """Queue one request's records for the spool; the future is done once they are on
@@ -271,6 +287,53 @@ class Recorder:
         done: Future[None] = Future()
         self._writes.put((records, done))
         return done
+
+    def keep_input(self, prediction_id: str, x: np.ndarray, width: int, height: int) -> None:
+        """Hold a prediction's model input until the flusher measures its image properties;
+        beyond the memory bound it is dropped (that row is stored without properties)."""
+        with self._inputs_lock:
+            if self._inputs_bytes + x.nbytes > self._inputs_limit:
+                self.inputs_dropped += 1
+                return
+            self._inputs[prediction_id] = (x, width, height, time.monotonic())
+            self._inputs_bytes += x.nbytes
+
+    def _prune_inputs(self, max_age_s: float = 60.0) -> None:
+        """Drop inputs held for long while this worker's spool is empty: their requests never
+        spooled a record (failed after inference), so no flush would release them."""
+        if not self._inputs or self.spool.pending():
+            return
+        cutoff = time.monotonic() - max_age_s
+        with self._inputs_lock:
+            for key in [k for k, held in self._inputs.items() if held[3] < cutoff]:
+                self._inputs_bytes -= self._inputs.pop(key)[0].nbytes
+
+    def _release_inputs(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Forget the inputs of predictions now written (or dead-lettered)."""
+        with self._inputs_lock:
+            for kind, payload in records:
+                if kind == "prediction":
+                    held = self._inputs.pop(str(payload.get("id")), None)
+                    if held is not None:
+                        self._inputs_bytes -= held[0].nbytes
+
+    def _add_properties(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """`image_props` of every prediction whose model input is held. The input stays held
+        until the row is written: a batch re-read from the spool after an outage is measured
+        again."""
+        for kind, payload in records:
+            if kind != "prediction" or "image_props" in payload:
+                continue
+            with self._inputs_lock:
+                held = self._inputs.get(str(payload.get("id")))
+            if held is None:
+                continue
+            try:
+                props = input_properties(*held[:3])
+            except Exception:  # a property is never worth a lost prediction row
+                log.exception("image properties of prediction %s failed", payload.get("id"))
+                continue
+            payload["image_props"] = {k: v for k, v in props.items() if math.isfinite(v)}
 
     def record(self, records: list[tuple[str, dict[str, Any]]]) -> None:
         self.submit(records).result()
@@ -372,7 +435,10 @@ class Recorder:
             self._schema_ready = True
         moved = 0
         while batch := spool.take(self.batch_size):
-            self._write_or_split([(kind, payload) for _, kind, payload in batch])
+            records = [(kind, payload) for _, kind, payload in batch]
+            self._add_properties(records)
+            self._write_or_split(records)
+            self._release_inputs(records)
             spool.delete_upto(batch[-1][0])
             moved += len(batch)
         return moved
@@ -463,6 +529,7 @@ class Recorder:
 
     def _flush_all(self) -> None:
         self._flush_spool(self.spool)
+        self._prune_inputs()
         for orphan in self._orphans():
             try:
                 moved = self._flush_spool(orphan)

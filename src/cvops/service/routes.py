@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cvops.model.gradcam import blend, colorize_bgr, heatmap_to_image
-from cvops.service.images import BadImage, fit_within, png_base64, read_upload, upload_pixels
+from cvops.service.images import BadImage, fit_within, png_base64, read_upload, upload_size
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.schemas import (
     ErrorResponse,
@@ -138,9 +138,10 @@ async def predict(
         raise HTTPException(503, "no model loaded yet")
     started = time.perf_counter()
     data = await file.read()
+    width, height = upload_size(data)
     try:
         bgr, x = await _run_sized(
-            upload_pixels(data),
+            width * height,
             _prepare,
             data,
             model,
@@ -186,6 +187,8 @@ async def predict(
     stage.labels("inference").observe(result.step_s)
     if heatmaps:
         stage.labels("render").observe(rendered - inferred)
+    # image properties: measured by the spool flusher, off the request path
+    state.recorder.keep_input(prediction_id, x, width, height)
     stored = data if state.settings.store_images else None
     request.state.prediction_record = prediction_record(response, stored)
     # serialised once by pydantic: FastAPI would validate the model again, then dump it

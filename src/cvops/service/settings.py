@@ -62,6 +62,13 @@ class ServiceSettings(BaseSettings):
     reload_poll_s: float = Field(default=0.25, gt=0)
     drift_refresh_s: float = Field(default=30.0, gt=0, description="drift gauges refresh period")
     store_images: bool = Field(default=True, description="Keep base64 images in predictions")
+    property_buffer_mb: float = Field(
+        default=64.0,
+        ge=0,
+        description="memory per worker for model inputs waiting for their image properties "
+        "(measured by the spool flusher, off the request path); beyond it, rows are stored "
+        "without properties (only during a long database outage); 0: no properties",
+    )
     spool_fsync: bool = Field(
         default=True,
         description="fsync each spool commit (survives power loss); false: a commit survives "

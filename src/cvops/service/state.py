@@ -81,6 +81,7 @@ class ServiceState:
             settings.spool_dir,
             fsync=settings.spool_fsync,
             on_dead_letter=lambda kind: self.metrics.dead_letters.labels(kind).inc(),
+            input_buffer_bytes=int(settings.property_buffer_mb * 1024 * 1024),
         )
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
