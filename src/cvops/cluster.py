@@ -17,11 +17,20 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_fixed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +218,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         defaults = json.loads(args.defaults.read_text(encoding="utf-8")) if args.defaults else {}
+        if not isinstance(defaults, dict):
+            raise ClusterSettingsError(f"{args.defaults}: a JSON object of variable defaults")
         template = job_template(
             args.template, image=settings.image, namespace=settings.namespace, defaults=defaults
         )
-        ensure_pool(args.pool, template)
+        _until_the_server_answers(ensure_pool)(args.pool, template)
     except ClusterSettingsError as err:
         log.error("%s", err)
         return 1
     return 0
+
+
+def _until_the_server_answers(fn: Callable[..., None]) -> Callable[..., None]:
+    """The worker's init container may start before the Prefect server answers: retry for
+    a few minutes (quietly, unlike a crash-looping container) before giving up."""
+    return retry(
+        retry=retry_if_exception_type(httpx.TransportError),
+        wait=wait_fixed(3),
+        stop=stop_after_delay(300),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )(fn)
 
 
 if __name__ == "__main__":

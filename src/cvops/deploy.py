@@ -302,6 +302,61 @@ def schedule_monitor(
     return str(deployment_id)
 
 
+def monitor_pool_type(pool_name: str) -> str | None:
+    """The type of the Prefect server's work pool `pool_name` (None: no such pool yet)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_work_pool(pool_name).type
+        except ObjectNotFound:
+            return None
+
+
+def schedule_monitor_on_kubernetes(
+    deployment_name: str, pool_name: str, cron: str, parameters: dict[str, object]
+) -> tuple[str, dict[str, Any]]:
+    """Create or update the monitor deployment on a kubernetes work pool (deploy/k8s): each
+    run is a Job on the cvops image that reads its settings from the cluster's ConfigMap and
+    Secrets (`cvops.cluster.job_variables`), so no path or URL of the deploying machine goes
+    into the deployment. The flow is imported from the installed package: no pull steps (a
+    former process deployment's working-directory step is dropped). Returns (deployment id,
+    job variables)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+    from cvops import cluster
+    from cvops.flows.monitor_flow import drift_detection_evidently
+
+    settings = cluster.load_settings()
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool(pool_name)
+    variables = cluster.job_variables(settings, pool.base_job_template)
+    deployment = RunnerDeployment.from_flow(
+        drift_detection_evidently,
+        name=deployment_name,
+        cron=cron,
+        # the Evidently workspace the Jobs mount (and the Evidently UI serves)
+        parameters={**parameters, "workspace": settings.evidently_workspace},
+        work_pool_name=pool_name,
+        job_variables=variables,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    if deployment.entrypoint != MONITOR_ENTRYPOINT:
+        raise RuntimeError(f"monitor entrypoint {deployment.entrypoint}, not {MONITOR_ENTRYPOINT}")
+    deployment_id = deployment.apply(work_pool_name=pool_name)
+    log.info(
+        "Deployment %s/%s on kubernetes pool %s (image %s), cron %r",
+        MONITOR_FLOW_NAME,
+        deployment_name,
+        pool_name,
+        variables["image"],
+        cron,
+    )
+    return str(deployment_id), variables
+
+
 def local_service(settings: Any) -> tuple[str, str] | None:
     """Embedded mode's background service, if it runs and answers as itself (its recorded
     port and instance id, never whatever holds the default port): (URL, admin token)."""

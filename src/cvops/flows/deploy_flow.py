@@ -1,5 +1,5 @@
 """Deploy flow: promotion gate -> registry alias `champion` -> model service reload ->
-Prefect Variables -> the drift-monitor deployment on a process work pool."""
+Prefect Variables -> the drift-monitor deployment on a process (or kubernetes) work pool."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def update_service(cfg: FlowConfig, settings: Settings, metadata_file: str) -> s
 
 @step("schedule-monitoring")
 def schedule_monitoring(cfg: FlowConfig, settings: Settings, monitor: MonitorConfig) -> str:
-    """The monitor deployment on the Prefect server; on embedded defaults a background
+    """The monitor deployment on the Prefect server (Jobs on the cvops image when the pool is
+    of type kubernetes, else a process pool); on embedded defaults a background
     `cvops monitor --serve` scheduler (Prefect's ephemeral mode keeps no schedule itself)."""
     assert cfg.deploy is not None
     name = cfg.deploy.prefect.deployment_name
@@ -105,6 +106,19 @@ def schedule_monitoring(cfg: FlowConfig, settings: Settings, monitor: MonitorCon
             f"log {process.log_file})"
         )
     parameters = deploy.monitor_parameters(config, monitor)
+    if deploy.monitor_pool_type(monitor.pool_name) == "kubernetes":
+        _, variables = deploy.schedule_monitor_on_kubernetes(
+            name, monitor.pool_name, monitor.cron, parameters
+        )
+        if deploy.pool_has_online_worker(monitor.pool_name):
+            worker = "a worker is online"
+        else:
+            worker = "no worker online: kubectl apply -k deploy/k8s/overlays/<overlay>"
+        return (
+            f"monitoring scheduled: {deploy.MONITOR_FLOW_NAME}/{name} on kubernetes pool "
+            f"{monitor.pool_name} (Jobs on {variables['image']}), cron {monitor.cron!r} "
+            f"({worker})"
+        )
     env = deploy.monitor_env(settings)
     deploy.schedule_monitor(name, monitor.pool_name, monitor.cron, parameters, env, str(Path.cwd()))
     if deploy.pool_has_online_worker(monitor.pool_name):
