@@ -170,6 +170,14 @@ class AugmentationConfig(StrictModel):
     )
     rotation: float = Field(default=0.05, ge=0.0, le=0.5, description="fraction of a full turn")
     zoom: float = Field(default=0.1, ge=0.0, lt=1.0)
+    random_hue: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of training images whose hue is rotated by a random amount: makes "
+        "the model learn shape where colour only correlates with the class (keep 0 where colour "
+        "defines it: ripe vs unripe)",
+    )
 
 
 class MlflowExperiment(StrictModel):

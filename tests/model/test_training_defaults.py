@@ -348,3 +348,24 @@ def test_mlflow_gets_learning_rate_per_epoch_and_early_stopping_outcome(
     assert set(OUTCOME_KEYS) <= set(metrics)
     assert 1 <= metrics["early_stopping_best_epoch"] <= 3
     assert metrics["epochs_run"] == 3
+
+
+def test_random_hue_rotates_a_share_of_images_and_keeps_shape() -> None:
+    off = {"brightness": 0.0, "rotation": 0.0, "zoom": 0.0, "horizontal_flip": False}
+    augmenter = build_augmenter(AugmentationConfig(**off, random_hue=0.5), 0)
+    assert augmenter is not None
+    rng = np.random.default_rng(0)
+    images = rng.random((200, 8, 8, 3)).astype("float32")
+    out = keras.ops.convert_to_numpy(augmenter(images, training=True))
+    same = np.array([np.array_equal(o, i) for o, i in zip(out, images, strict=True)])
+    assert 0.35 < same.mean() < 0.65  # about half untouched, bit-exact
+    hsv_in = tf.image.rgb_to_hsv(images[~same]).numpy()
+    hsv_out = tf.image.rgb_to_hsv(out[~same]).numpy()
+    # the others keep saturation and value pixel for pixel; only the hue turns
+    np.testing.assert_allclose(hsv_out[..., 1:], hsv_in[..., 1:], atol=1e-4)
+    turned = (hsv_out[..., 0] - hsv_in[..., 0]) % 1.0
+    assert np.ptp(np.median(turned.reshape(len(turned), -1), axis=1)) > 0.5  # random angles
+    again = build_augmenter(AugmentationConfig(**off, random_hue=0.5), 0)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(images, training=True)), out)
+    grey = np.repeat(images[..., :1], 3, axis=-1)  # no hue to turn: greyscale stays grey
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(augmenter(grey)), grey, atol=1e-6)
