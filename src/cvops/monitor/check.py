@@ -6,17 +6,23 @@ by `last_n` whatever the table size.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import io
 import logging
 import math
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from cvops.data.properties import IMAGE_PROPERTIES, REFERENCE_PREFIX, reference_properties
+from cvops.monitor.causes import CauseReport, Example, explain_drift, top_examples
 from cvops.monitor.stats import (
     DEFAULT_METHODS,
     REPORTED_METHODS,
@@ -24,7 +30,7 @@ from cvops.monitor.stats import (
     DriftTester,
     looks_like_probabilities,
 )
-from cvops.service.db import DriftReport, Feedback, Prediction, upgrade_schema
+from cvops.service.db import DriftCause, DriftReport, Feedback, Prediction, upgrade_schema
 from cvops.storage import CentralStorage, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,13 @@ class Window:
     ids: list[str] = field(default_factory=list)
     predicted: list[str | None] = field(default_factory=list)
     hidden: np.ndarray | None = None  # rows that carry hidden features (may be fewer)
+    props: list[dict[str, float] | None] = field(default_factory=list)  # image properties
+
+    def properties(self) -> pd.DataFrame | None:
+        """One row per window row (NaN where a row has no properties); None when none has."""
+        if not any(self.props):
+            return None
+        return pd.DataFrame([p or {} for p in self.props], columns=list(IMAGE_PROPERTIES))
 
     @property
     def size(self) -> int:
@@ -64,6 +77,7 @@ class DriftCheck:
     labelled: int = 0
     live_accuracy: float | None = None
     test_accuracy: float | None = None
+    causes: CauseReport | None = None
 
     @property
     def drifting_tests(self) -> list[str]:
@@ -139,6 +153,29 @@ def load_reference(storage: CentralStorage, meta: ModelMetadata) -> dict[str, np
     }
 
 
+@dataclass
+class ReferenceExtras:
+    """What the reference parquet holds besides embeddings: labels and, for packages made
+    since they were recorded, the images' properties."""
+
+    labels: list[str] | None
+    properties: pd.DataFrame | None
+
+
+def load_reference_extras(storage: CentralStorage, meta: ModelMetadata) -> ReferenceExtras:
+    path = storage.resolve(meta.reference_data_path)
+    present = pq.read_schema(path).names
+    props = reference_properties(present)
+    columns = (["label"] if "label" in present else []) + [REFERENCE_PREFIX + p for p in props]
+    frame = pq.read_table(path, columns=columns).to_pandas() if columns else pd.DataFrame()
+    labels = frame["label"].astype(str).tolist() if "label" in frame else None
+    properties = None
+    if props:
+        properties = frame[[REFERENCE_PREFIX + p for p in props]]
+        properties.columns = props
+    return ReferenceExtras(labels, properties)
+
+
 def recent_window(
     engine: Engine, model_name: str, last_days: float, last_n: int, chunk: int = 500
 ) -> Window:
@@ -152,13 +189,14 @@ def recent_window(
             Prediction.hidden_feats,
             Prediction.created_on,
             Prediction.prediction_json,
+            Prediction.image_props,
         )
         .where(Prediction.model_name == model_name, Prediction.created_on >= since)
         .order_by(Prediction.created_on.desc())
         .limit(last_n)
         .execution_options(yield_per=chunk)
     )
-    uae, bbsd, hidden, times, ids, predicted = [], [], [], [], [], []
+    uae, bbsd, hidden, times, ids, predicted, props = [], [], [], [], [], [], []
     with engine.connect() as conn:
         for row in conn.execute(stmt):
             uae.append(row.uae_feats)
@@ -168,6 +206,7 @@ def recent_window(
             times.append(row.created_on)
             ids.append(row.id)
             predicted.append((row.prediction_json or {}).get("predicted_class"))
+            props.append(row.image_props)
     return Window(
         np.asarray(uae, dtype=np.float64),
         np.asarray(bbsd, dtype=np.float64),
@@ -176,6 +215,7 @@ def recent_window(
         ids,
         predicted,
         np.asarray(hidden, dtype=np.float64) if hidden else None,
+        props,
     )
 
 
@@ -282,12 +322,106 @@ def check_drift(
     return check
 
 
+def explain_check(
+    check: DriftCheck,
+    reference: dict[str, np.ndarray],
+    extras: ReferenceExtras,
+    classes: list[str],
+    *,
+    alpha: float = 0.05,
+    examples: int = 8,
+    seed: int = 0,
+) -> CauseReport:
+    """Ranked causes of the window's difference (`cvops.monitor.causes`), and the window rows
+    the domain classifier finds least like the reference on the hidden features (the alarm
+    classifier's) or, without them, the UAE features."""
+    window = check.window
+    report = explain_drift(
+        classes=classes,
+        reference_properties=extras.properties,
+        window_properties=window.properties(),
+        reference_labels=extras.labels,
+        reference_probs=reference.get("bbsd"),
+        window_predicted=window.predicted,
+        window_probs=window.bbsd if window.size else None,
+        alpha=alpha,
+    )
+    embedding = "hidden" if "hidden" in check.results else "uae"
+    current = window.features(embedding)
+    if current is not None and len(current) == window.size and embedding in reference:
+        report.examples = top_examples(
+            reference[embedding],
+            current,
+            window.ids,
+            predicted=window.predicted,
+            k=examples,
+            seed=seed,
+        )
+    check.causes = report
+    return report
+
+
+def thumbnail_uri(b64: str | None, side: int = 112) -> str | None:
+    """A stored base64 image as a small JPEG data URI (None when absent or unreadable)."""
+    if not b64:
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+            im.draft("RGB", (side, side))
+            rgb = im.convert("RGB")
+    except Exception:  # noqa: BLE001 - a bad stored image loses its thumbnail, not the report
+        return None
+    rgb.thumbnail((side, side), Image.Resampling.BILINEAR)
+    if max(rgb.size) < side // 2:  # tiny images: enlarge so they can be seen
+        scale = max(1, (side // 2) // max(rgb.size))
+        rgb = rgb.resize((rgb.width * scale, rgb.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def add_thumbnails(engine: Engine, examples: list[Example]) -> int:
+    """Thumbnails of the upload and its Grad-CAM overlay from the predictions table, where the
+    service stored them (CVOPS_SERVICE_STORE_IMAGES); returns how many examples got one."""
+    if not examples:
+        return 0
+    by_id = {e.prediction_id: e for e in examples}
+    stmt = select(Prediction.id, Prediction.input_img, Prediction.overlaid_img).where(
+        Prediction.id.in_(list(by_id))
+    )
+    with engine.connect() as conn:
+        for row in conn.execute(stmt):
+            example = by_id[row.id]
+            example.image = thumbnail_uri(row.input_img)
+            example.overlay = thumbnail_uri(row.overlaid_img)
+    return sum(e.image is not None for e in examples)
+
+
+def cause_row(check: DriftCheck) -> dict[str, object] | None:
+    if check.causes is None:
+        return None
+    return {
+        "run_id": check.run_id,
+        "created_on": dt.datetime.now(dt.UTC),
+        "model_name": check.model_name,
+        "model_version": check.model_version,
+        "drifted": check.drifted,
+        "sentence": check.causes.sentence,
+        "top_cause": check.causes.top_cause,
+        "details": check.causes.as_dict(),
+    }
+
+
 def save_check(engine: Engine, check: DriftCheck) -> int:
     rows = check.rows()
-    if rows:
+    cause = cause_row(check)
+    if rows or cause:
         upgrade_schema(engine)
         with engine.begin() as conn:
-            conn.execute(DriftReport.__table__.insert(), rows)  # type: ignore[attr-defined]
+            if rows:
+                conn.execute(DriftReport.__table__.insert(), rows)  # type: ignore[attr-defined]
+            if cause:
+                conn.execute(DriftCause.__table__.insert(), [cause])  # type: ignore[attr-defined]
     return len(rows)
 
 
@@ -311,4 +445,7 @@ def describe(check: DriftCheck) -> str:
             f" (test accuracy {check.test_accuracy})"
         )
     lines.append("  verdict: " + ("DRIFT DETECTED" if check.drifted else "no drift"))
+    if check.causes is not None:
+        lines.append("  likely cause: " + check.causes.sentence)
+        lines += [f"  note: {n}" for n in check.causes.notes]
     return "\n".join(lines)

@@ -6,13 +6,16 @@ import logging
 
 from cvops.monitor.check import (
     DriftCheck,
+    add_thumbnails,
     check_drift,
+    explain_check,
     live_accuracy,
     load_reference,
+    load_reference_extras,
     recent_window,
     save_check,
 )
-from cvops.service.db import make_engine
+from cvops.service.db import make_engine, upgrade_schema
 from cvops.storage import CentralStorage, read_metadata
 
 log = logging.getLogger(__name__)
@@ -31,8 +34,16 @@ def run_monitor(
     meta = read_metadata(storage.metadata_path(metadata_file))
     engine = make_engine(db_url)
     try:
+        upgrade_schema(engine)  # a database last written by an older service
         window = recent_window(engine, meta.model_name, last_days, last_n)
-        check = check_drift(load_reference(storage, meta), window, meta, alpha=alpha, seed=seed)
+        reference = load_reference(storage, meta)
+        check = check_drift(reference, window, meta, alpha=alpha, seed=seed)
+        if window.size >= 2:
+            extras = load_reference_extras(storage, meta)
+            explain_check(check, reference, extras, meta.classes, alpha=alpha, seed=seed)
+            assert check.causes is not None
+            add_thumbnails(engine, check.causes.examples)
+            log.info("Likely cause: %s", check.causes.sentence)
         check.labelled, check.live_accuracy = live_accuracy(engine, window)
         check.test_accuracy = meta.metrics.get("test_accuracy")
         save_check(engine, check)

@@ -385,20 +385,10 @@ class DriftTester:
         (at least ``min_classifier_reference`` rows) to keep the classes balanced.
         """
         n = len(cur)
-        size = max(self.min_classifier_reference, min(n, self._max_reference))
-        ref = self._shuffled[:size]
-        m = len(ref)
-        z = np.vstack([ref, cur])
-        feats = np.hstack([z, z * z])
-        std = feats.std(0)
-        keep = std > 1e-12 * (1.0 + np.abs(feats).max(0))
-        folds = max(2, min(self.n_folds, n, m))
-        if not keep.any():  # every feature constant in both samples: nothing to separate
+        feats, y, splits = self._domain_setup(cur, rng)
+        m, folds = len(y) - n, len(splits)
+        if feats is None:  # every feature constant in both samples: nothing to separate
             return DriftResult("classifier", 0.5, math.inf, 1.0, False, n, m, {"folds": folds})
-        feats = (feats[:, keep] - feats[:, keep].mean(0)) / std[keep]
-        y = np.r_[np.zeros(m), np.ones(n)]
-        cv = StratifiedKFold(folds, shuffle=True, random_state=int(rng.integers(2**31 - 1)))
-        splits = list(cv.split(feats, y))
         b = self.n_permutations
         labels = np.empty((m + n, b + 1))
         labels[:, 0] = y
@@ -415,6 +405,49 @@ class DriftTester:
         p_value, threshold, drifted = _permutation_decision(float(aucs[0]), aucs[1:], self.alpha)
         info = {"folds": folds}
         return DriftResult("classifier", float(aucs[0]), threshold, p_value, drifted, n, m, info)
+
+    def _domain_setup(
+        self, cur: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray | None, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """The domain classifier's standardised [z, z²] features (None when all are
+        constant), labels (0 reference, 1 window; window rows last) and stratified folds; the
+        folds take the first draw of `rng`, so the test and `window_scores` share them."""
+        n = len(cur)
+        size = max(self.min_classifier_reference, min(n, self._max_reference))
+        ref = self._shuffled[:size]
+        m = len(ref)
+        z = np.vstack([ref, cur])
+        feats = np.hstack([z, z * z])
+        std = feats.std(0)
+        keep = std > 1e-12 * (1.0 + np.abs(feats).max(0))
+        y = np.r_[np.zeros(m), np.ones(n)]
+        folds = max(2, min(self.n_folds, n, m))
+        cv = StratifiedKFold(folds, shuffle=True, random_state=int(rng.integers(2**31 - 1)))
+        if not keep.any():
+            return None, y, [(np.arange(0), np.arange(0))] * folds
+        feats = (feats[:, keep] - feats[:, keep].mean(0)) / std[keep]
+        return feats, y, list(cv.split(feats, y))
+
+    def window_scores(self, current: np.ndarray, seed: int | None = None) -> np.ndarray:
+        """How unlike the reference each window row looks to the domain classifier: its
+        out-of-fold score, in standard deviations of the same fold's reference rows (so that
+        scores from different folds compare). Same features, subsample and folds as the
+        ``classifier`` test under the same seed; all zeros when nothing can be separated."""
+        cur = _as_2d(current, "current")
+        seed = self.seed if seed is None else seed
+        feats, y, splits = self._domain_setup(cur, _method_rng(seed, "classifier"))
+        scores = np.zeros(len(y))
+        if feats is None:
+            return scores[len(y) - len(cur) :]
+        for train, test in splits:
+            x_tr, lab = feats[train], y[train]
+            delta = x_tr[lab == 1].mean(0) - x_tr[lab == 0].mean(0)
+            w = np.linalg.solve(ledoit_wolf(x_tr)[0], delta)
+            fold = feats[test] @ w
+            ref_fold = fold[y[test] == 0]
+            spread = ref_fold.std() if len(ref_fold) > 1 else 1.0
+            scores[test] = (fold - ref_fold.mean()) / (spread or 1.0)
+        return scores[len(y) - len(cur) :]
 
 
 def run_drift_tests(

@@ -1,0 +1,251 @@
+"""Ranked drift causes on real images (issue 16 item 5): demo shapes, a small CNN trained for a
+few seconds, the shipped shift scenarios, the monitor's own run over a prediction database.
+
+Rows are written as the service writes them (features from the model, image properties from
+`cvops.data.properties.input_properties`, the upload and its Grad-CAM overlay as base64),
+without running the service: its property path has its own tests (tests/service).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sqlalchemy import text
+
+from cvops.config import DriftDetectionConfig, InputSize
+from cvops.data.demo import generate_demo_dataset
+from cvops.data.properties import IMAGE_PROPERTIES, image_size, input_properties, properties_frame
+from cvops.data.shift import generate_shift_scenarios
+from cvops.model.build import build_model
+from cvops.model.drift import build_bbsd, build_hidden, build_uae, reference_frame
+from cvops.model.gradcam import gradcam, gradient_model, heatmap_to_image, overlay
+from cvops.model.pipeline import make_dataset
+from cvops.model.train import save_package
+from cvops.monitor.causes import NO_SINGLE_CAUSE, PREDICTION_CAUSE, explain_drift
+from cvops.monitor.run import run_monitor
+from cvops.service.db import make_engine, upgrade_schema
+from cvops.service.recording import write_batch
+from cvops.storage import CentralStorage, ModelMetadata, utc_now
+
+CLASSES = ["circle", "square", "triangle", "star"]
+SIZE = (50, 50)
+WINDOW = 200
+
+
+@dataclass
+class World:
+    storage: CentralStorage
+    metadata_file: str
+    model: keras.Model
+    uae: keras.Model
+    hidden: keras.Model
+    scenarios: Path
+    manifest: pd.DataFrame
+
+
+def _images(paths: list[str]) -> np.ndarray:
+    ds = make_dataset(paths, [0] * len(paths), SIZE, 64)
+    return np.concatenate([x.numpy() for x, _ in ds])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("causes")
+    data = root / "data"
+    csv = generate_demo_dataset(
+        data, n_train_per_class=100, n_test_per_class=60, seed=16, classes=CLASSES
+    )
+    scenarios = root / "scenarios"
+    generate_shift_scenarios(
+        data / "test",
+        scenarios,
+        annotations=csv,
+        seed=16,
+        scenarios=("brightness", "class_prior"),
+        severities=("high",),
+    )
+    train = sorted((data / "train").rglob("*.jpg"))
+    labels = np.array([CLASSES.index(p.parent.name) for p in train])
+    x = _images([str(p) for p in train])
+    keras.utils.set_random_seed(16)
+    model = build_model(SIZE, len(CLASSES), backbone="small_cnn")
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    fit = model.fit(x, labels, epochs=6, batch_size=32, verbose=0)
+    print("train accuracy", fit.history["accuracy"][-1])
+    uae, bbsd = build_uae(SIZE, 32, seed=16), build_bbsd(model)
+    hidden = build_hidden(model, "features")
+    assert hidden is not None
+    props = properties_frame([x], [str(p) for p in train])
+    ref = reference_frame(
+        uae.predict(x, verbose=0),
+        bbsd.predict(x, verbose=0),
+        labels,
+        CLASSES,
+        hidden.predict(x, verbose=0),
+        props,
+    )
+    drift = DriftDetectionConfig(hidden_layer="features")
+    names = CentralStorage.artifact_names("shapes", drift)
+    files = save_package(root / "build", "shapes", names, model, uae, bbsd, ref)
+    meta = ModelMetadata(
+        model_name="shapes",
+        input_size=InputSize(w=SIZE[1], h=SIZE[0]),
+        classes=CLASSES,
+        drift_detection=drift,
+        version="1",
+        created_on=utc_now(),
+        **names,
+    )
+    storage = CentralStorage(root / "cs")
+    metadata_file = storage.publish(files, meta).name
+    manifest = pd.read_csv(scenarios / "manifest.csv")
+    return World(storage, metadata_file, model, uae, hidden, scenarios, manifest)
+
+
+def window_rows(world: World, scenario: str, severity: str, seed: int) -> list[dict]:
+    """WINDOW prediction rows for images of one scenario, as the service stores them."""
+    pool = world.manifest[
+        (world.manifest["scenario"] == scenario) & (world.manifest["severity"] == severity)
+    ]
+    picked = pool.sample(n=WINDOW, replace=len(pool) < WINDOW, random_state=seed)
+    paths = [str(world.scenarios / p) for p in picked["path"]]
+    x = _images(paths)
+    probs, cams = (t.numpy() for t in gradcam(gradient_model(world.model), x))
+    uae, hidden = world.uae.predict(x, verbose=0), world.hidden.predict(x, verbose=0)
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for i, path in enumerate(paths):
+        raw = Path(path).read_bytes()
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        heat = heatmap_to_image(cams[i], rgb.shape[1], rgb.shape[0])
+        buf = io.BytesIO()
+        Image.fromarray(overlay(rgb, heat)).save(buf, "PNG")
+        width, height = image_size(path)
+        rows.append(
+            {
+                "id": str(uuid.uuid4()),
+                "model_name": "shapes",
+                "model_version": "1",
+                "input_img": base64.b64encode(raw).decode("ascii"),
+                "overlaid_img": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "prediction_json": {"predicted_class": CLASSES[int(probs[i].argmax())]},
+                "uae_feats": uae[i].tolist(),
+                "bbsd_feats": probs[i].tolist(),
+                "hidden_feats": hidden[i].tolist(),
+                "image_props": input_properties(x[i], width, height),
+                "created_on": (now - dt.timedelta(milliseconds=i)).isoformat(),
+            }
+        )
+    return rows
+
+
+def monitor(world: World, tmp_path: Path, scenario: str, severity: str, seed: int = 0):
+    url = f"sqlite:///{tmp_path / f'{scenario}.db'}"
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    write_batch(engine, [("prediction", r) for r in window_rows(world, scenario, severity, seed)])
+    engine.dispose()
+    return run_monitor(world.storage, world.metadata_file, url, last_n=WINDOW), url
+
+
+def test_brightness_shift_ranks_brightness_first(world: World, tmp_path: Path) -> None:
+    check, url = monitor(world, tmp_path, "brightness", "high")
+    causes = check.causes
+    assert causes is not None and check.drifted
+    top = causes.properties[0]
+    assert causes.top_cause == "brightness" and top.name == "brightness"
+    assert top.significant and top.direction == 1 and top.change > 0.3
+    assert causes.sentence.startswith("Images are brighter")
+    # the images that show it: thumbnails of the upload and its Grad-CAM overlay
+    assert len(causes.examples) == 8
+    assert all(e.image and e.image.startswith("data:image/jpeg;base64,") for e in causes.examples)
+    assert all(e.overlay and e.predicted_class in CLASSES for e in causes.examples)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT sentence, top_cause, details FROM drift_causes WHERE run_id = :r"),
+            {"r": check.run_id},
+        ).one()
+    engine.dispose()
+    assert row.sentence == causes.sentence and row.top_cause == "brightness"
+    print("brightness:", causes.sentence)
+
+
+def test_class_prior_shift_ranks_the_prediction_shift_first(world: World, tmp_path) -> None:
+    check, _ = monitor(world, tmp_path, "class_prior", "high")
+    causes = check.causes
+    assert causes is not None
+    assert causes.top_cause == PREDICTION_CAUSE and causes.ranked_causes[0] == PREDICTION_CAUSE
+    assert causes.prediction is not None and causes.prediction.significant
+    assert causes.prediction.towards(), causes.prediction.classes
+    assert not [p.name for p in causes.properties if p.significant]
+    print("class prior:", causes.sentence)
+
+
+def test_unshifted_traffic_gives_no_cause(world: World, tmp_path: Path) -> None:
+    check, _ = monitor(world, tmp_path, "none", "none")
+    causes = check.causes
+    assert causes is not None
+    assert causes.top_cause is None and causes.sentence == NO_SINGLE_CAUSE
+    assert causes.ranked_causes == [] and not causes.notes
+    assert {p.name for p in causes.properties} == set(IMAGE_PROPERTIES)
+
+
+def test_reference_without_properties_degrades_to_the_embedding_verdict(
+    world: World, tmp_path: Path
+) -> None:
+    """A package from before the properties: the verdict as before, causes from the
+    predictions only, and a note saying why."""
+    meta_path = world.storage.metadata_path(world.metadata_file)
+    from cvops.storage import read_metadata
+
+    ref_path = world.storage.resolve(read_metadata(meta_path).reference_data_path)
+    full = pd.read_parquet(ref_path)
+    try:
+        full[[c for c in full.columns if not c.startswith("prop_")]].to_parquet(ref_path)
+        check, _ = monitor(world, tmp_path, "brightness", "high")
+    finally:
+        full.to_parquet(ref_path)
+    causes = check.causes
+    assert causes is not None and check.drifted
+    assert causes.properties == [] and causes.top_cause != "brightness"
+    assert any("no image properties" in n for n in causes.notes)
+
+
+def test_explain_drift_is_a_plain_function() -> None:
+    """What a benchmark calls: arrays in, a report out; old rows without properties too."""
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({p: rng.normal(100, 10, 500) for p in IMAGE_PROPERTIES})
+    win = pd.DataFrame({p: rng.normal(100, 10, 200) for p in IMAGE_PROPERTIES})
+    win["sharpness"] *= 0.5
+    labels = list(rng.choice(CLASSES, 500))
+    report = explain_drift(
+        classes=CLASSES,
+        reference_properties=ref,
+        window_properties=win,
+        reference_labels=labels,
+        window_predicted=list(rng.choice(CLASSES, 200)),
+    )
+    assert report.top_cause == "blur" and report.properties[0].effect.startswith("sharpness \u22124")
+    assert report.prediction is not None and report.prediction.basis == "labels"
+    assert report.tests == len(IMAGE_PROPERTIES) + 1
+    none = explain_drift(
+        classes=CLASSES,
+        reference_properties=ref,
+        window_properties=pd.DataFrame([{}] * 200, columns=list(IMAGE_PROPERTIES)),
+    )
+    assert none.sentence == NO_SINGLE_CAUSE and len(none.notes) == 2
