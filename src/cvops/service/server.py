@@ -7,8 +7,10 @@ decides the start-up model, prepares the shared folders and then forks the worke
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -57,9 +59,32 @@ def prepare(settings: ServiceSettings, metadata_file: str | None) -> str | None:
     return chosen
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cgroup_cpu_limit(cpu_max: Path | None = None) -> int | None:
+    """Whole CPUs a cgroup v2 quota allows (a Kubernetes CPU limit), rounded up; None: no quota.
+
+    Why: a pod limited to 2 CPUs on a 64-core node still sees 64 cores in its CPU set, and 64
+    workers throttled to 2 CPUs serve far worse than 2.
+    """
+    try:
+        quota, period = (cpu_max or CGROUP_CPU_MAX).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def usable_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0))
+    """Cores this process may use: its CPU set, capped by a cgroup CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0))
+    limit = cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
 
 
 def resolve_workers(workers: int | str) -> int:
