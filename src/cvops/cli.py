@@ -272,7 +272,7 @@ def data_demo_repo(
     repo = root / name
     tags = build_demo_repo(
         repo,
-        settings.dvc_remote_root / name,
+        settings.dvc_remote(name),
         seed=seed,
         v1_train_per_class=v1_train_per_class,
         v2_train_per_class=v2_train_per_class,

@@ -179,14 +179,19 @@ def monitor_env(settings: Any) -> dict[str, str]:
     shown in its UI, so database passwords go to a 0600 libpq password file in the state dir
     instead (`PGPASSFILE`); the URLs carry none."""
     from cvops.service.settings import ServiceSettings
+    from cvops.storage import location_text
 
     state_dir = Path(settings.state_dir).resolve()
     passfile = state_dir / PGPASS_FILE
     env = {
-        "CENTRAL_STORAGE_PATH": str(Path(settings.central_storage_path).resolve()),
+        "CENTRAL_STORAGE_PATH": location_text(settings.central_storage_path),
         "CVOPS_STATE_DIR": str(state_dir),
         "CVOPS_SERVICE_DB_URL": ServiceSettings().resolved_db_url,
     }
+    # object storage: where it is (never the credentials: the worker's environment has them)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        if isinstance(settings.central_storage_path, str) and os.environ.get(name):
+            env[name] = os.environ[name]
     if settings.mlflow_tracking_uri:
         env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
     moved = False

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cvops.storage import StorageLocation, join_location
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_prefix="CVOPS_", extra="ignore")
@@ -20,10 +22,11 @@ class Settings(BaseSettings):
         default=Path(".cvops"),
         description="Local state of embedded defaults (MLflow SQLite store, Prefect home, logs).",
     )
-    central_storage_path: Path = Field(
+    central_storage_path: StorageLocation = Field(
         default=Path("central_storage"),
         validation_alias=AliasChoices("CENTRAL_STORAGE_PATH", "CVOPS_CENTRAL_STORAGE_PATH"),
-        description="Shared folder with models/ and ref_data/ (the reference's central storage).",
+        description="Shared folder with models/ and ref_data/ (the reference's central storage),"
+        " or s3://bucket/prefix on S3-compatible object storage (AWS_* variables).",
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,
@@ -68,16 +71,25 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_artifact_root(self) -> str | None:
-        """Artifact root for new experiments on the embedded store; a server decides its own."""
+        """Artifact root for new experiments on the embedded store; a server decides its own.
+        With central storage on object storage, `<central storage>/mlartifacts` (the stack's
+        layout), so every host sees the runs' artifacts; else a folder in the state dir."""
         if self.mlflow_tracking_uri and not self.mlflow_tracking_uri.startswith(
             ("sqlite:", "file:")
         ):
             return None
+        if isinstance(self.central_storage_path, str):
+            return f"{self.central_storage_path}/mlartifacts"
         return (self.mlflow_dir / "artifacts").as_uri()
 
     @property
-    def dvc_remote_root(self) -> Path:
-        return self.central_storage_path.resolve() / "dvc_remote"
+    def dvc_remote_root(self) -> Path | str:
+        """The datasets' DVC remotes: a folder, or an s3:// URL."""
+        return join_location(self.central_storage_path, "dvc_remote")
+
+    def dvc_remote(self, dataset: str) -> Path | str:
+        """The DVC remote of one dataset, `<central storage>/dvc_remote/<dataset>`."""
+        return join_location(self.central_storage_path, "dvc_remote", dataset)
 
 
 def get_settings() -> Settings:

@@ -15,7 +15,7 @@ VERSIONS = ("v1.0.0", "v2.0.0")
 
 def build_demo_repo(
     repo_dir: Path,
-    remote_dir: Path,
+    remote_dir: Path | str,
     *,
     seed: int = 0,
     v1_train_per_class: int = 200,

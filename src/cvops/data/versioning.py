@@ -286,21 +286,28 @@ def current_version(repo_dir: Path) -> DataVersion:
     return _version(_require_repo(repo_dir))
 
 
-def init_dataset_repo(repo_dir: Path, remote_dir: Path, *, tracked: str = DEFAULT_TRACKED) -> None:
-    """Make ``repo_dir`` a git + DVC repo whose default remote is the local ``remote_dir``.
+def init_dataset_repo(
+    repo_dir: Path, remote_dir: Path | str, *, tracked: str = DEFAULT_TRACKED
+) -> None:
+    """Make ``repo_dir`` a git + DVC repo whose default remote is ``remote_dir``: a local
+    folder, or an ``s3://bucket/prefix`` URL (its ``endpointurl`` and ``region`` from
+    ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` when set; credentials stay in the environment).
 
     Idempotent: an existing git and/or DVC setup is kept and the call only (re)writes the
     remote and the non-interactive settings.  It refuses (DataVersionError) to silently
     re-point a repo whose default remote is already a *different* location, because versions
     pushed there would become unreachable.  Nothing is committed; :func:`commit_version` does.
     """
+    from cvops.storage import parse_location, s3_endpoint, s3_region
+
     repo = Path(repo_dir).expanduser().resolve()
-    remote = Path(remote_dir).expanduser().resolve()
+    parsed = parse_location(remote_dir)
+    remote = parsed.expanduser().resolve() if isinstance(parsed, Path) else parsed
     if not repo.is_dir():
         raise DataVersionError(f"Dataset folder {repo} does not exist")
     if not (repo / tracked).exists():
         raise DataVersionError(f"Nothing to track: {repo / tracked} does not exist")
-    if remote == repo or remote.is_relative_to(repo):
+    if isinstance(remote, Path) and (remote == repo or remote.is_relative_to(repo)):
         raise DataVersionError(f"DVC remote {remote} must live outside the dataset repo {repo}")
 
     if not (repo / ".git").exists():
@@ -312,7 +319,7 @@ def init_dataset_repo(repo_dir: Path, remote_dir: Path, *, tracked: str = DEFAUL
         logger.info("Initialised DVC in %s", repo)
 
     name, url = _default_remote(repo)
-    if name and url and Path(url).expanduser().resolve() != remote:
+    if name and url and not _same_remote(url, remote):
         raise DataVersionError(
             f"{repo} already uses DVC remote {name!r} -> {url}, not {remote}; "
             f"change it explicitly with `dvc remote modify {name} url ...` if intended"
@@ -320,14 +327,27 @@ def init_dataset_repo(repo_dir: Path, remote_dir: Path, *, tracked: str = DEFAUL
 
     from dvc.config import Config
 
-    remote.mkdir(parents=True, exist_ok=True)
+    if isinstance(remote, Path):
+        remote.mkdir(parents=True, exist_ok=True)
     remote_name = name or REMOTE_NAME
     with Config(dvc_dir=str(repo / ".dvc")).edit("repo") as conf:
         conf["core"]["remote"] = remote_name
         conf["core"]["analytics"] = False
         conf["core"]["check_update"] = False
-        conf["remote"].setdefault(remote_name, {})["url"] = str(remote)
+        section = conf["remote"].setdefault(remote_name, {})
+        section["url"] = str(remote)
+        if isinstance(remote, str):  # where the object store is; never credentials
+            for key, value in (("endpointurl", s3_endpoint()), ("region", s3_region())):
+                if value:
+                    section[key] = value
     logger.info("Dataset repo %s: DVC remote %r -> %s", repo, remote_name, remote)
+
+
+def _same_remote(url: str, remote: Path | str) -> bool:
+    """Whether the configured remote `url` is `remote` (a resolved folder or an s3 URL)."""
+    if isinstance(remote, str):
+        return url.rstrip("/") == remote
+    return "://" not in url and Path(url).expanduser().resolve() == remote
 
 
 def commit_version(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -10,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cvops.config import FlowConfig, parse_config
 from cvops.settings import Settings
+from cvops.storage import location_text
 
 
 def step(name: str) -> Any:
@@ -26,7 +26,7 @@ def as_config(config: dict[str, Any] | FlowConfig, *sections: str) -> FlowConfig
 
 def summary(results: dict[str, Any], settings: Settings) -> str:
     """Human-readable 'where are my results' lines printed at the end of a run."""
-    storage = Path(settings.central_storage_path).resolve()
+    storage = location_text(settings.central_storage_path)
     lines = ["", "Results", f"  central storage : {storage}"]
     for key, label in (
         ("metadata_path", "metadata"),
@@ -36,7 +36,7 @@ def summary(results: dict[str, Any], settings: Settings) -> str:
         ("reference_data_path", "reference data"),
     ):
         if key in results:
-            lines.append(f"  {label:<16}: {storage / results[key]}")
+            lines.append(f"  {label:<16}: {storage}/{results[key]}")
     for key, label in (("test_accuracy", "test accuracy"), ("test_auc", "test macro AUC")):
         if key in results:
             lines.append(f"  {label:<16}: {results[key]:.4f}")

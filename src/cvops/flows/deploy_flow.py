@@ -20,7 +20,7 @@ from cvops.flows.common import as_config, step
 from cvops.flows.eval_flow import metadata_file_name
 from cvops.model.evaluate import evaluate_on_split
 from cvops.settings import Settings, get_settings
-from cvops.storage import CentralStorage, ModelMetadata, PackageNotFoundError, read_metadata
+from cvops.storage import CentralStorage, ModelMetadata, PackageNotFoundError, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def promotion_gate(cfg: FlowConfig, storage: CentralStorage, meta: ModelMetadata
             raise ValueError("deploy: the promotion gate needs the dataset section")
         size = (meta.input_size.h, meta.input_size.w)
         subset = cfg.evaluate.subset if cfg.evaluate else "test"
-        new_model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
+        path = storage.local_copy(meta.model_path, meta.sha256.get("model_path"))
+        new_model = keras.models.load_model(path, compile=False)
         old_model = mlflow.keras.load_model(f"models:/{meta.model_name}@{deploy.CHAMPION}")
         scores = [
             getattr(evaluate_on_split(m, cfg.dataset.path, subset, meta.classes, size), metric)
@@ -161,9 +162,9 @@ def deploy_flow(config: dict[str, Any]) -> dict[str, Any]:
     cfg = as_config(config, "deploy")
     settings: Settings = get_settings()
     tracking.configure(settings)
-    storage = CentralStorage(settings.central_storage_path)
+    storage = open_storage(settings)
     metadata_file = metadata_file_name(cfg)
-    meta = read_metadata(storage.metadata_path(metadata_file))
+    meta = storage.load_metadata(metadata_file)
     metadata_file = pinned_metadata_file(storage, metadata_file, meta)
     gate = promotion_gate(cfg, storage, meta)
     if not gate["promote"]:

@@ -21,7 +21,7 @@ from cvops.model.evaluate import (
     evaluate_on_split,
 )
 from cvops.settings import Settings, get_settings
-from cvops.storage import CentralStorage, ModelMetadata, read_metadata, write_metadata
+from cvops.storage import CentralStorage, ModelMetadata, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ def metadata_file_name(cfg: FlowConfig) -> str:
 @step("evaluate-model")
 def evaluate_model(cfg: FlowConfig, storage: CentralStorage, meta: ModelMetadata) -> Evaluation:
     assert cfg.dataset is not None and cfg.evaluate is not None
-    model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
+    path = storage.local_copy(meta.model_path, meta.sha256.get("model_path"))
+    model = keras.models.load_model(path, compile=False)
     size = (meta.input_size.h, meta.input_size.w)
     return evaluate_on_split(model, cfg.dataset.path, cfg.evaluate.subset, meta.classes, size)
 
@@ -90,11 +91,13 @@ def eval_flow(config: dict[str, Any]) -> dict[str, Any]:
     cfg = as_config(config, "model", "dataset", "evaluate")
     settings = get_settings()
     tracking.configure(settings)
-    storage = CentralStorage(settings.central_storage_path)
-    meta_path = storage.metadata_path(metadata_file_name(cfg))
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no packaged model at {meta_path}: run the train flow first")
-    meta = read_metadata(meta_path)
+    storage = open_storage(settings)
+    metadata_file = metadata_file_name(cfg)
+    try:
+        meta = storage.load_metadata(metadata_file)
+    except FileNotFoundError:
+        where = storage.location_of(f"models/{metadata_file}")
+        raise FileNotFoundError(f"no packaged model at {where}: run the train flow first") from None
     result = evaluate_model(cfg, storage, meta)
     run_id = log_evaluation(cfg, settings, meta, result)
     assert cfg.evaluate is not None
@@ -103,15 +106,17 @@ def eval_flow(config: dict[str, Any]) -> dict[str, Any]:
         f"{cfg.evaluate.subset}_accuracy": result.accuracy,
         f"{cfg.evaluate.subset}_auc_macro_ovr": result.auc_macro_ovr,
     }
-    write_metadata(meta_path, meta)
+    storage.save_metadata(metadata_file, meta)
     if meta.version:  # keep the immutable copy's metrics in step (used by rollbacks)
-        pinned = storage.metadata_path(
-            CentralStorage.versioned_metadata_file(
-                meta.model_name, meta.version, meta.mlflow_run_id
-            )
+        pinned = CentralStorage.versioned_metadata_file(
+            meta.model_name, meta.version, meta.mlflow_run_id
         )
-        if pinned.is_file() and (copy := read_metadata(pinned)).mlflow_run_id == meta.mlflow_run_id:
-            write_metadata(pinned, copy.model_copy(update={"metrics": meta.metrics}))
+        try:
+            copy = storage.load_metadata(pinned)
+        except FileNotFoundError:
+            copy = None
+        if copy is not None and copy.mlflow_run_id == meta.mlflow_run_id:
+            storage.save_metadata(pinned, copy.model_copy(update={"metrics": meta.metrics}))
     link = tracking.run_link(run_id, settings)
     if link.startswith("http"):
         create_link_artifact(link, link_text="MLflow evaluation run", key="mlflow-eval-run")

@@ -19,7 +19,7 @@ from cvops.monitor.check import DriftCheck, describe
 from cvops.monitor.run import run_monitor
 from cvops.service.settings import ServiceSettings
 from cvops.settings import get_settings
-from cvops.storage import CentralStorage
+from cvops.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def alert_payload(check: DriftCheck) -> dict[str, Any]:
 def check_step(metadata_file: str, last_days: float, last_n: int, alpha: float) -> DriftCheck:
     settings = get_settings()
     return run_monitor(
-        CentralStorage(settings.central_storage_path),
+        open_storage(settings),
         metadata_file,
         ServiceSettings().resolved_db_url,
         last_days=last_days,
@@ -60,10 +60,9 @@ def report_step(check: DriftCheck, metadata_file: str, monitor: MonitorConfig) -
         return None
     from cvops.monitor.check import load_reference
     from cvops.monitor.evidently_report import build_snapshot, save_to_workspace, write_html
-    from cvops.storage import read_metadata
 
-    storage = CentralStorage(get_settings().central_storage_path)
-    meta = read_metadata(storage.metadata_path(metadata_file))
+    storage = open_storage(get_settings())
+    meta = storage.load_metadata(metadata_file)
     snapshot = build_snapshot(
         check,
         load_reference(storage, meta),

@@ -24,7 +24,7 @@ from cvops.flows.common import as_config, step
 from cvops.model.callbacks import OUTCOME_KEYS
 from cvops.model.train import Splits, build_detectors, fit_model, load_splits, save_package
 from cvops.settings import Settings, get_settings
-from cvops.storage import CentralStorage, ModelMetadata, utc_now, write_metadata
+from cvops.storage import CentralStorage, ModelMetadata, open_storage, utc_now, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,7 @@ def package_model(
         write_metadata(local_meta, metadata)
         mlflow.log_artifact(str(local_meta), "package")
         mlflow.log_artifact(str(files["reference_data_path"]), "package")
-    storage = CentralStorage(settings.central_storage_path)
-    meta_path = storage.publish(files, metadata)
+    meta_path = open_storage(settings).publish(files, metadata)
     return {
         "model_name": name,
         "model_version": version,
@@ -212,7 +211,7 @@ def package_model(
         "versioned_metadata_file": (
             CentralStorage.versioned_metadata_file(name, version, run_id) if version else None
         ),
-        "metadata_path": str(meta_path.relative_to(storage.root)),
+        "metadata_path": str(meta_path),
         **names,
     }
 

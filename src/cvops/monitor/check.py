@@ -143,7 +143,7 @@ class DriftCheck:
 
 def load_reference(storage: CentralStorage, meta: ModelMetadata) -> dict[str, np.ndarray]:
     """Reference features per embedding; `hidden` only when the package has them."""
-    path = storage.resolve(meta.reference_data_path)
+    path = storage.local_copy(meta.reference_data_path, meta.sha256.get("reference_data_path"))
     present = set(pq.read_schema(path).names)
     columns = [f"{e}_feats" for e in EMBEDDINGS if f"{e}_feats" in present]
     table = pq.read_table(path, columns=columns)

@@ -16,7 +16,7 @@ from cvops.monitor.check import (
     save_check,
 )
 from cvops.service.db import make_engine, upgrade_schema
-from cvops.storage import CentralStorage, read_metadata
+from cvops.storage import CentralStorage
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def run_monitor(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> DriftCheck:
-    meta = read_metadata(storage.metadata_path(metadata_file))
+    meta = storage.load_metadata(metadata_file)
     engine = make_engine(db_url)
     try:
         upgrade_schema(engine)  # a database last written by an older service

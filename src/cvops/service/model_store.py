@@ -19,7 +19,13 @@ import tensorflow as tf
 from cvops.model.drift import build_hidden
 from cvops.model.gradcam import gradcam_and_extras, gradient_model
 from cvops.model.preprocess import resize_and_scale_matrices
-from cvops.storage import MODELS_DIR, CentralStorage, ModelMetadata, StoragePathError, read_metadata
+from cvops.storage import (
+    MODELS_DIR,
+    SERVED_ARTIFACTS,
+    CentralStorage,
+    ModelMetadata,
+    StoragePathError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +81,30 @@ def check_metadata_name(metadata_file: str, storage: CentralStorage) -> None:
             f"invalid metadata file name {metadata_file!r}: expected <model_name>.yaml", 400
         )
     try:
-        storage.resolve(f"{MODELS_DIR}/{metadata_file}")
+        storage.check_relative(f"{MODELS_DIR}/{metadata_file}")
     except StoragePathError as err:
         raise ModelLoadError(str(err), 400) from None
 
 
 def load_model(storage: CentralStorage, metadata_file: str) -> LoadedModel:
-    """Load and warm up everything a worker needs to serve `metadata_file`."""
+    """Load and warm up everything a worker needs to serve `metadata_file`.
+
+    From object storage the artifacts are downloaded once per version into the local cache
+    and verified against the SHA-256 in the metadata (one request per load once cached)."""
     check_metadata_name(metadata_file, storage)
-    meta_path = storage.metadata_path(metadata_file)
-    if not meta_path.is_file():
-        raise ModelLoadError(f"no model metadata {metadata_file} in central storage models/", 404)
     started = time.perf_counter()
     try:
-        meta = read_metadata(meta_path)
-        model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
-        uae = keras.models.load_model(storage.resolve(meta.uae_model_path), compile=False)
-        bbsd = keras.models.load_model(storage.resolve(meta.bbsd_model_path), compile=False)
+        meta, files = storage.fetch(metadata_file, *SERVED_ARTIFACTS)
+        model = keras.models.load_model(files["model_path"], compile=False)
+        uae = keras.models.load_model(files["uae_model_path"], compile=False)
+        bbsd = keras.models.load_model(files["bbsd_model_path"], compile=False)
         hidden = build_hidden(model, meta.drift_detection.hidden_layer)
+    except FileNotFoundError as err:
+        if not storage.has_metadata(metadata_file):
+            raise ModelLoadError(
+                f"no model metadata {metadata_file} in central storage models/", 404
+            ) from None
+        raise ModelLoadError(f"cannot load model {metadata_file}: {err}", 422) from None
     except Exception as err:  # any broken file must leave the old model serving
         raise ModelLoadError(f"cannot load model {metadata_file}: {err}", 422) from None
     infer = compile_inference(model, uae, bbsd, meta, hidden)

@@ -17,7 +17,7 @@ from gunicorn.app.base import BaseApplication
 
 from cvops.service.settings import ServiceSettings
 from cvops.service.sync import ModelSync
-from cvops.storage import CentralStorage
+from cvops.storage import SERVED_ARTIFACTS, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,16 @@ def prepare(settings: ServiceSettings, metadata_file: str | None) -> str | None:
     sync = ModelSync(settings.model_pointer)
     current = sync.read()
     chosen = metadata_file or (current.metadata_file if current else None)
-    chosen = chosen or CentralStorage(settings.central_storage_path).newest_metadata_file()
+    storage = open_storage(settings)
+    chosen = chosen or storage.newest_metadata_file()
     if chosen and (current is None or current.metadata_file != chosen):
         sync.publish(chosen)
+    if chosen and storage.remote:
+        # Download once here, before the workers start together on an empty cache
+        try:
+            storage.fetch(chosen, *SERVED_ARTIFACTS)
+        except Exception as err:  # each worker reports it again when it loads
+            log.warning("Cannot prefetch %s from %s: %s", chosen, storage.url, err)
     return chosen
 
 

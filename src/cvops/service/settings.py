@@ -7,13 +7,17 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cvops.storage import StorageLocation
+
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_prefix="CVOPS_SERVICE_", extra="ignore")
 
-    central_storage_path: Path = Field(
+    central_storage_path: StorageLocation = Field(
         default=Path("central_storage"),
         validation_alias=AliasChoices("CENTRAL_STORAGE_PATH", "CVOPS_CENTRAL_STORAGE_PATH"),
+        description="a folder or s3://bucket/prefix (models are downloaded once per version "
+        "into state_dir/cache)",
     )
     state_dir: Path = Field(
         default=Path(".cvops"), validation_alias=AliasChoices("CVOPS_STATE_DIR", "state_dir")

@@ -20,7 +20,7 @@ from cvops.service.model_store import LoadedModel, ModelLoadError, load_model
 from cvops.service.recording import Recorder
 from cvops.service.settings import ServiceSettings
 from cvops.service.sync import ModelSync
-from cvops.storage import CentralStorage
+from cvops.storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_batch(items: Sequence[InferenceItem]) -> list[InferenceResult]:
 class ServiceState:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.storage = CentralStorage(settings.central_storage_path)
+        self.storage = open_storage(settings)
         self.metrics = ServiceMetrics()
         self.sync = ModelSync(settings.model_pointer)
         self.model: LoadedModel | None = None
@@ -93,7 +93,7 @@ class ServiceState:
         if pointer is None:
             first = self.settings.metadata_file or self.storage.newest_metadata_file()
             if first is None:
-                log.warning("No model in %s/models yet: not ready", self.storage.root)
+                log.warning("No model in %s/models yet: not ready", self.storage.url)
                 # Still count as a live worker, so the first PUT waits for this one too.
                 self.sync.ack(0, ok=True, detail="no model yet")
             else:

@@ -19,6 +19,7 @@ import httpx
 from cvops.stack.postgres import LocalPostgres, StackError, bin_dir
 from cvops.stack.settings import StackSettings
 from cvops.stack.supervisor import Program
+from cvops.storage import join_location, location_text
 
 HEALTH_TIMEOUT_S = 3.0
 
@@ -78,7 +79,7 @@ def client_env(settings: StackSettings, secrets: Secrets) -> dict[str, str]:
     host = s.bind_host
     return {
         "CVOPS_STATE_DIR": str(s.state_dir.resolve()),
-        "CENTRAL_STORAGE_PATH": str(s.central_storage_path.resolve()),
+        "CENTRAL_STORAGE_PATH": location_text(s.central_storage_path),
         "MLFLOW_TRACKING_URI": f"http://{host}:{s.mlflow_port}",
         "PREFECT_API_URL": f"http://{host}:{s.prefect_port}/api",
         "CVOPS_SERVICE_URL": f"http://{host}:{s.nginx_port}",
@@ -155,7 +156,8 @@ def write_configs(settings: StackSettings, secrets: Secrets) -> None:
     kernel_dir.mkdir(parents=True, exist_ok=True)
     (kernel_dir / "kernel.json").write_text(json.dumps(_kernel_spec(), indent=2))
     s.evidently_workspace.mkdir(parents=True, exist_ok=True)
-    s.central_storage_path.resolve().mkdir(parents=True, exist_ok=True)
+    if isinstance(s.central_storage_path, Path):  # object storage needs no folder
+        s.central_storage_path.resolve().mkdir(parents=True, exist_ok=True)
     write_nginx_config(s)
 
 
@@ -206,8 +208,9 @@ def services(settings: StackSettings, secrets: Secrets, project_dir: Path) -> li
                 directory=project_dir,
                 env={
                     "MLFLOW_BACKEND_STORE_URI": pg.url(s.postgres_mlflow_db),
+                    # a folder, or s3://... (the server reads AWS_* from its environment)
                     "MLFLOW_ARTIFACTS_DESTINATION": str(
-                        s.central_storage_path.resolve() / "mlartifacts"
+                        join_location(s.central_storage_path, "mlartifacts")
                     ),
                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                 },

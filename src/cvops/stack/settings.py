@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cvops.service.settings import ServiceSettings
+from cvops.storage import StorageLocation
 
 
 def _port(default: int, description: str) -> int:
@@ -28,9 +29,10 @@ class StackSettings(BaseSettings):
         validation_alias=AliasChoices("CVOPS_STATE_DIR", "state_dir"),
         description="Everything the stack writes: databases, logs, workspace, supervisor files.",
     )
-    central_storage_path: Path = Field(
+    central_storage_path: StorageLocation = Field(
         default=Path("central_storage"),
         validation_alias=AliasChoices("CENTRAL_STORAGE_PATH", "central_storage_path"),
+        description="a folder or s3://bucket/prefix; MLflow's artifacts go to its mlartifacts/",
     )
     bind_host: str = Field(
         default="127.0.0.1",
