@@ -171,6 +171,55 @@ def monitor(
         f"{result['model_name']}: {verdict} over {result['sample_size']} predictions "
         f"(run {result['run_id']}); report: {result['report']}"
     )
+    print_causes(result["run_id"])
+
+
+def print_causes(run_id: str | None, model_name: str | None = None) -> bool:
+    """The cause table of a stored monitor run on stdout; False when there is none."""
+    from rich.console import Console
+
+    from cvops.monitor.cause_view import cause_tables
+    from cvops.monitor.check import stored_causes
+    from cvops.service.db import make_engine
+    from cvops.service.settings import ServiceSettings
+
+    engine = make_engine(ServiceSettings().resolved_db_url)
+    try:
+        row, report = stored_causes(engine, run_id, model_name)
+    except Exception as err:  # noqa: BLE001 - no database or no table yet: nothing to show
+        log.debug("no stored causes: %s", err)
+        row, report = None, None
+    finally:
+        engine.dispose()
+    if row is None or report is None:
+        return False
+    out = Console()
+    verdict = "DRIFT DETECTED" if row.drifted else "no drift"
+    out.print(
+        f"[bold]{row.model_name}[/] v{row.model_version} run {row.run_id} "
+        f"({row.created_on:%Y-%m-%d %H:%M}): {verdict}",
+        highlight=False,
+    )
+    out.print(cause_tables(report))
+    return True
+
+
+drift_app = typer.Typer(help="Past drift-monitor runs and their causes.", no_args_is_help=True)
+app.add_typer(drift_app, name="drift")
+
+
+@drift_app.command("show")
+def drift_show(
+    report_id: Annotated[
+        str | None, typer.Argument(help="Run id (or its start) of a monitor run; default newest")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Only runs of this model")] = None,
+) -> None:
+    """Print a past monitor run's causes: the sentence, ranked properties, predicted classes
+    (from the prediction DB, CVOPS_SERVICE_DB_URL)."""
+    bootstrap_env()
+    if not print_causes(report_id, model):
+        fail(f"no drift causes stored for {report_id or 'any run'}", code=1)
 
 
 @app.command("background")

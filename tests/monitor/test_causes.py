@@ -162,8 +162,13 @@ def monitor(world: World, tmp_path: Path, scenario: str, severity: str, seed: in
     return run_monitor(world.storage, world.metadata_file, url, last_n=WINDOW), url
 
 
-def test_brightness_shift_ranks_brightness_first(world: World, tmp_path: Path) -> None:
-    check, url = monitor(world, tmp_path, "brightness", "high")
+@pytest.fixture(scope="module")
+def brightness(world: World, tmp_path_factory: pytest.TempPathFactory):
+    return monitor(world, tmp_path_factory.mktemp("brightness"), "brightness", "high")
+
+
+def test_brightness_shift_ranks_brightness_first(brightness) -> None:
+    check, url = brightness
     causes = check.causes
     assert causes is not None and check.drifted
     top = causes.properties[0]
@@ -240,7 +245,9 @@ def test_explain_drift_is_a_plain_function() -> None:
         reference_labels=labels,
         window_predicted=list(rng.choice(CLASSES, 200)),
     )
-    assert report.top_cause == "blur" and report.properties[0].effect.startswith("sharpness \u22124")
+    assert report.top_cause == "blur" and report.properties[0].effect.startswith(
+        "sharpness \u22124"
+    )
     assert report.prediction is not None and report.prediction.basis == "labels"
     assert report.tests == len(IMAGE_PROPERTIES) + 1
     none = explain_drift(
@@ -249,3 +256,48 @@ def test_explain_drift_is_a_plain_function() -> None:
         window_properties=pd.DataFrame([{}] * 200, columns=list(IMAGE_PROPERTIES)),
     )
     assert none.sentence == NO_SINGLE_CAUSE and len(none.notes) == 2
+
+
+def test_causes_reach_report_webhook_cli_and_prometheus(
+    world: World, brightness, tmp_path: Path, monkeypatch
+) -> None:
+    """The same causes in the self-contained HTML report, the webhook payload, `cvops drift
+    show` and the service's `cvops_drift_property_score` gauge."""
+    from typer.testing import CliRunner
+
+    from cvops.cli import app
+    from cvops.flows.monitor_flow import alert_payload
+    from cvops.monitor.check import load_reference
+    from cvops.monitor.evidently_report import build_snapshot, write_html
+    from cvops.service.db import latest_drift_cause
+    from cvops.service.metrics import ServiceMetrics
+    from cvops.storage import read_metadata
+
+    check, url = brightness
+    meta = read_metadata(world.storage.metadata_path(world.metadata_file))
+    snapshot = build_snapshot(check, load_reference(world.storage, meta), evidently_mmd=False)
+    html = write_html(snapshot, tmp_path / "report.html", check.causes).read_text()
+    assert "Why did it drift?" in html and check.causes.sentence.split(" (")[0] in html
+    assert html.count('src="data:image/jpeg;base64,') == 16  # 8 uploads + 8 overlays
+    payload = alert_payload(check)
+    assert payload["likely_cause"] == check.causes.sentence
+    assert payload["causes"]["ranked_causes"][0] == "brightness"
+    assert payload["causes"]["examples"][0]["image"] is None  # ids, not images, in JSON
+
+    monkeypatch.setenv("CVOPS_SERVICE_DB_URL", url)
+    shown = CliRunner().invoke(app, ["drift", "show", check.run_id[:8]])
+    assert shown.exit_code == 0, shown.output
+    assert "brightness" in shown.output and check.run_id in shown.output
+    missing = CliRunner().invoke(app, ["drift", "show", "ffffffff"])
+    assert missing.exit_code == 1
+
+    metrics = ServiceMetrics()
+    engine = make_engine(url)
+    metrics.set_drift_causes("shapes", latest_drift_cause(engine, "shapes").details)
+    engine.dispose()
+    body = metrics.render()[0].decode()
+    top = check.causes.properties[0]
+    assert (
+        f'cvops_drift_property_score{{model="shapes",property="brightness"}} {top.statistic}'
+        in body
+    )

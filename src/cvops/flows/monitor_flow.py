@@ -37,6 +37,8 @@ def alert_payload(check: DriftCheck) -> dict[str, Any]:
         "run_id": check.run_id,
         "sample_size": check.window.size,
         "drifted_tests": check.drifting_tests,
+        "likely_cause": check.causes.sentence if check.causes else None,
+        "causes": check.causes.as_dict() if check.causes else None,
     }
 
 
@@ -70,7 +72,9 @@ def report_step(check: DriftCheck, metadata_file: str, monitor: MonitorConfig) -
         evidently_mmd=monitor.evidently_mmd,
     )
     snapshot_id = save_to_workspace(snapshot, monitor.workspace, monitor.evidently_project)
-    html = write_html(snapshot, monitor.workspace / "reports" / f"{check.run_id}.html")
+    html = write_html(
+        snapshot, monitor.workspace / "reports" / f"{check.run_id}.html", check.causes
+    )
     log.info("Evidently report %s in workspace %s (%s)", snapshot_id, monitor.workspace, html)
     return str(html)
 
@@ -153,6 +157,7 @@ def drift_detection_evidently(
         "model_name": check.model_name,
         "sample_size": check.window.size,
         "drifted": check.drifted,
+        "likely_cause": check.causes.sentence if check.causes else None,
         "live_accuracy": check.live_accuracy,
         "actions": actions,
         "report": report,

@@ -92,6 +92,7 @@ class PropertyShift:
     direction: int
     window_rows: int
     explained_by: str | None = None
+    threshold: float = math.nan  # KS distance above which it is significant
 
     @property
     def cause(self) -> str:
@@ -272,6 +273,8 @@ def property_shifts(
             else np.ones(len(ref_v))
         )
         distance, p_value = weighted_ks(ref_v, weights, win_v)
+        m_eff = weights.sum() ** 2 / (weights**2).sum()
+        en = max(1, round(m_eff * len(win_v) / (m_eff + len(win_v))))
         ref_median, win_median = _weighted_median(ref_v, weights), float(np.median(win_v))
         change = win_median / ref_median - 1.0 if ref_median != 0 else math.nan
         p_adjusted = min(1.0, p_value * tests)
@@ -287,6 +290,7 @@ def property_shifts(
                 change=change,
                 direction=1 if win_median >= ref_median else -1,
                 window_rows=int(win_ok.sum()),
+                threshold=float(stats.kstwo.isf(level / tests, en)),
             )
         )
     return rank_properties(shifts)

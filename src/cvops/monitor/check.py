@@ -163,7 +163,7 @@ class ReferenceExtras:
 
 
 def load_reference_extras(storage: CentralStorage, meta: ModelMetadata) -> ReferenceExtras:
-    path = storage.resolve(meta.reference_data_path)
+    path = storage.local_copy(meta.reference_data_path, meta.sha256.get("reference_data_path"))
     present = pq.read_schema(path).names
     props = reference_properties(present)
     columns = (["label"] if "label" in present else []) + [REFERENCE_PREFIX + p for p in props]
@@ -410,6 +410,26 @@ def cause_row(check: DriftCheck) -> dict[str, object] | None:
         "top_cause": check.causes.top_cause,
         "details": check.causes.as_dict(),
     }
+
+
+def stored_causes(
+    engine: Engine, run_id: str | None = None, model_name: str | None = None
+) -> tuple[DriftCause | None, CauseReport | None]:
+    """A past run's cause row and report: the run whose id starts with `run_id`, else the
+    newest (of `model_name` when given); (None, None) when there is none."""
+    from sqlalchemy.orm import Session
+
+    stmt = select(DriftCause).order_by(DriftCause.created_on.desc()).limit(1)
+    if run_id:
+        stmt = stmt.where(DriftCause.run_id.startswith(run_id, autoescape=True))
+    if model_name:
+        stmt = stmt.where(DriftCause.model_name == model_name)
+    with Session(engine) as session:
+        row = session.scalars(stmt).first()
+        if row is None:
+            return None, None
+        session.expunge(row)
+    return row, CauseReport.from_dict(row.details)
 
 
 def save_check(engine: Engine, check: DriftCheck) -> int:

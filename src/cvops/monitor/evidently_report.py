@@ -32,6 +32,8 @@ from evidently.sdk.panels import counter_panel, line_plot_panel
 from evidently.tests import lte
 from evidently.ui.workspace import Workspace
 
+from cvops.monitor.cause_view import cause_html
+from cvops.monitor.causes import CauseReport
 from cvops.monitor.check import DriftCheck
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ CALIBRATED = "calibrated"  # name of the additional dataset holding our results
 METRIC_TYPE = "evidently:metric_v2:CalibratedDrift"
 EVIDENTLY_MMD_TYPE = "evidently:metric_v2:EmbeddingsDrift"
 DASHBOARD_TAB = "Drift"
+PROPERTY_EMBEDDING = "property"  # CalibratedDrift rows of the image-property tests
+TOP_PROPERTIES = 3  # properties per run that get a metric (and a dashboard panel when new)
 
 
 class CalibratedDrift(SingleValueMetric):
@@ -91,6 +95,18 @@ def _results_frame(check: DriftCheck) -> pd.DataFrame:
         for embedding, results in check.results.items()
         for r in results
     ]
+    if check.causes is not None:
+        rows += [
+            {
+                "embedding": PROPERTY_EMBEDDING,
+                "method": p.name,
+                "score": p.statistic,
+                "threshold": p.threshold,
+                "p_value": p.p_adjusted,
+                "drifted": float(p.significant),
+            }
+            for p in check.causes.properties
+        ]
     columns = ["embedding", "method", "score", "threshold", "p_value", "drifted"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -155,6 +171,20 @@ def build_snapshot(
                 metrics.append(
                     CalibratedDrift(embedding=embedding, method=r.method, quantity=quantity)
                 )
+    if check.causes is not None:  # the top-ranked properties: a series (and panel) each
+        for p in check.causes.properties[:TOP_PROPERTIES]:
+            metrics.append(
+                CalibratedDrift(
+                    embedding=PROPERTY_EMBEDDING,
+                    method=p.name,
+                    quantity="score",
+                    tests=[lte(float(p.threshold))],
+                )
+            )
+            for quantity in ("threshold", "p_value", "drifted"):
+                metrics.append(
+                    CalibratedDrift(embedding=PROPERTY_EMBEDDING, method=p.name, quantity=quantity)
+                )
     if window.size >= 2:
         metrics += [ValueDrift(column=f"bbsd_{i}") for i in range(min(k, max_columns))]
 
@@ -168,6 +198,8 @@ def build_snapshot(
         "window_start": str(window.start),
         "window_end": str(window.end),
     }
+    if check.causes is not None:
+        metadata["likely_cause"] = check.causes.sentence
     if classes:
         metadata["bbsd_columns"] = ", ".join(f"bbsd_{i}={c}" for i, c in enumerate(classes))
     report = Report(metrics, metadata=metadata, tags=[check.model_name])
@@ -194,6 +226,7 @@ def _panels(check_methods: list[tuple[str, str]]) -> list[Any]:
                     metric_labels={"embedding": e, "method": m, "quantity": "drifted"},
                 )
                 for e, m in check_methods
+                if e != PROPERTY_EMBEDDING
             ],
             aggregation="sum",
             size="full",
@@ -202,7 +235,9 @@ def _panels(check_methods: list[tuple[str, str]]) -> list[Any]:
     for e, m in check_methods:
         panels.append(
             line_plot_panel(
-                f"{e} {m}: score vs calibrated threshold",
+                f"image {m}: KS distance vs threshold"
+                if e == PROPERTY_EMBEDDING
+                else f"{e} {m}: score vs calibrated threshold",
                 [
                     PanelMetric(
                         legend=q,
@@ -259,13 +294,17 @@ def save_to_workspace(snapshot: Snapshot, workspace_dir: Path, project_name: str
     return str(ref.id)
 
 
-def write_html(snapshot: Snapshot, path: Path) -> Path:
-    """Standalone HTML of the report, headed by the run name (model, version, run id)."""
+def write_html(snapshot: Snapshot, path: Path, causes: CauseReport | None = None) -> Path:
+    """Standalone HTML of the report, headed by the run name (model, version, run id) and,
+    when given, the run's causes (plain HTML with inline images, readable without the
+    Evidently UI)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     html = snapshot.get_html_str(as_iframe=False)
     title = escape(snapshot.get_name() or "Drift report")
     header = f'<h2 style="font-family: sans-serif; margin: 16px">{title}</h2>'
+    if causes is not None:
+        header += "\n" + cause_html(causes)
     html = html.replace("<body>", "<body>\n" + header, 1)
     path.write_text(html, encoding="utf-8")
     return path

@@ -97,6 +97,20 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.drift_property = Gauge(
+            "cvops_drift_property_score",
+            "Latest monitor run: KS distance of an image property's distribution from the "
+            "reference (0 same, 1 disjoint; cvops.monitor.causes)",
+            ["model", "property"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+
+    def set_drift_causes(self, model_name: str, details: dict | None) -> None:
+        """KS distance of each image property from the reference in the latest run's causes
+        (`drift_causes.details`)."""
+        for prop in (details or {}).get("properties", []):
+            self.drift_property.labels(model_name, prop["name"]).set(prop["statistic"])
 
     def set_drift(self, rows: list) -> None:
         for row in rows:

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from cvops.service.batching import MicroBatcher
-from cvops.service.db import latest_drift_rows
+from cvops.service.db import latest_drift_cause, latest_drift_rows
 from cvops.service.metrics import ServiceMetrics
 from cvops.service.model_store import LoadedModel, ModelLoadError, load_model
 from cvops.service.recording import Recorder
@@ -168,6 +168,8 @@ class ServiceState:
         """Latest monitor results as gauges (the DB may be down: then keep the old values)."""
         try:
             self.metrics.set_drift(latest_drift_rows(self.recorder.engine, model_name))
+            cause = latest_drift_cause(self.recorder.engine, model_name)
+            self.metrics.set_drift_causes(model_name, cause.details if cause else None)
         except SQLAlchemyError as err:
             log.debug("drift gauges not refreshed: %s", err)
 
