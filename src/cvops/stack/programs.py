@@ -19,7 +19,7 @@ import httpx
 from cvops.stack.postgres import LocalPostgres, StackError, bin_dir
 from cvops.stack.settings import StackSettings
 from cvops.stack.supervisor import Program
-from cvops.storage import join_location, location_text
+from cvops.storage import join_location, location_text, s3_endpoint
 
 HEALTH_TIMEOUT_S = 3.0
 
@@ -87,6 +87,15 @@ def client_env(settings: StackSettings, secrets: Secrets) -> dict[str, str]:
         "CVOPS_SERVICE_DB_URL": pg.url(s.postgres_service_db),
         "CVOPS_EVIDENTLY_WORKSPACE": str(s.evidently_workspace),
     }
+
+
+def mlflow_s3_env(settings: StackSettings) -> dict[str, str]:
+    """MLflow's S3 endpoint for artifacts in object storage: its own MLFLOW_S3_ENDPOINT_URL
+    (the stack's programs do not inherit MLFLOW_* variables) or AWS_ENDPOINT_URL."""
+    if not isinstance(settings.central_storage_path, str):
+        return {}
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or s3_endpoint()
+    return {"MLFLOW_S3_ENDPOINT_URL": endpoint} if endpoint else {}
 
 
 def _prometheus_config(settings: StackSettings) -> str:
@@ -213,6 +222,7 @@ def services(settings: StackSettings, secrets: Secrets, project_dir: Path) -> li
                         join_location(s.central_storage_path, "mlartifacts")
                     ),
                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                    **mlflow_s3_env(s),
                 },
             ),
             "MLflow",
