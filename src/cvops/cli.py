@@ -407,9 +407,11 @@ def data_version(
 
 
 def _register_stack_commands() -> None:
+    from cvops.labelling.cli import register as register_label
     from cvops.stack.cli import register
 
     register(app)
+    register_label(app)
 
 
 _register_stack_commands()

@@ -374,6 +374,38 @@ class MonitorConfig(StrictModel):
     retrain_on_drift: bool = False
 
 
+class LabellingConfig(StrictModel):
+    """`cvops label push / pull` (cvops.labelling): which logged predictions go to Label
+    Studio, and how the labels that come back become the next dataset version."""
+
+    n: PositiveInt = Field(default=200, description="tasks per push")
+    strategy: Literal["least_confidence", "margin", "entropy", "drift_weighted", "random"] = Field(
+        default="entropy",
+        description="drift_weighted: entropy x the monitor's domain-classifier score",
+    )
+    random_share: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="share of each push drawn uniformly at random (the control arm that "
+        "measures the strategy)",
+    )
+    pool: PositiveInt = Field(default=5000, description="newest predictions to choose from")
+    project: str | None = Field(
+        default=None, description="Label Studio project title; default 'cvops <model_name>'"
+    )
+    unknown_label: str = Field(default="other / unknown", min_length=1)
+    unknown_class: str | None = Field(
+        default=None,
+        description="class the unknown label is filed under in the dataset (one of "
+        "model.classes, e.g. a background class); None keeps those images out",
+    )
+    version_bump: Literal["major", "minor", "patch"] = Field(
+        default="minor", description="next dataset tag: v2.0.0 -> v2.1.0 (minor)"
+    )
+    seed: int = 0
+
+
 class FlowConfig(StrictModel):
     flow_module: str
     seed: int = 42
@@ -383,6 +415,7 @@ class FlowConfig(StrictModel):
     evaluate: EvaluateConfig | None = None
     deploy: DeployConfig | None = None
     monitor: MonitorConfig | None = None
+    labelling: LabellingConfig | None = None
     source: str = Field(default="<dict>", exclude=True)
 
     def require(self, *sections: str) -> None:
@@ -420,6 +453,15 @@ def _check_class_weight(cfg: FlowConfig, source: str) -> None:
         )
 
 
+def _check_unknown_class(cfg: FlowConfig, source: str) -> None:
+    unknown = cfg.labelling.unknown_class if cfg.labelling else None
+    if unknown is not None and cfg.model is not None and unknown not in cfg.model.classes:
+        raise ConfigError(
+            f"Invalid config {source}: labelling.unknown_class: {unknown!r} is not in "
+            f"model.classes {cfg.model.classes}"
+        )
+
+
 def parse_config(
     data: dict[str, Any], source: str = "<dict>", *, check_flow_module: bool = True
 ) -> FlowConfig:
@@ -430,6 +472,7 @@ def parse_config(
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
     _check_class_weight(cfg, source)
+    _check_unknown_class(cfg, source)
     if check_flow_module:
         resolve_flow_module(cfg.flow_module, source)
     return cfg

@@ -141,6 +141,32 @@ class DriftCause(Base):
     details: Mapped[dict] = mapped_column(JSON)
 
 
+class LabellingTask(Base):
+    """A prediction sent to Label Studio (`cvops label push`) and what came back
+    (`cvops label pull`): the arm that picked it (a strategy, or the random control), the
+    answer counted last and the dataset version that holds it, so that push never sends an
+    image twice and pull never adds one twice."""
+
+    __tablename__ = "labelling_tasks"
+
+    prediction_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    project_id: Mapped[int] = mapped_column(Integer)
+    arm: Mapped[str] = mapped_column(String(40))
+    priority: Mapped[float | None] = mapped_column(Float)
+    predicted: Mapped[str | None] = mapped_column(String(200))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    sent_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    task_id: Mapped[int | None] = mapped_column(Integer)
+    annotation_id: Mapped[int | None] = mapped_column(Integer)
+    annotation_updated: Mapped[str | None] = mapped_column(String(40))
+    label: Mapped[str | None] = mapped_column(String(200))
+    labelled_on: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    dataset_tag: Mapped[str | None] = mapped_column(String(64))
+    dataset_path: Mapped[str | None] = mapped_column(Text)
+
+
 def private_file(path: Path) -> None:
     """Create `path` (if missing) readable by its owner only: these files hold uploads."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))

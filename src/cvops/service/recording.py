@@ -211,6 +211,17 @@ def _row(table: Table, payload: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def feedback_record(prediction_id: str, label: str) -> dict[str, Any]:
+    """A `feedback` record as `POST /feedback` and `cvops label pull` write it (through
+    :func:`write_batch`: one label per prediction, the newest wins)."""
+    return {
+        "id": str(uuid.uuid4()),
+        "prediction_id": prediction_id,
+        "label": label,
+        "created_on": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
 def write_batch(engine: Engine, records: list[tuple[str, dict[str, Any]]]) -> None:
     """Insert a batch in one transaction; rows already there are skipped (exactly once), and a
     prediction's feedback replaces an older label (one label per prediction, the latest wins)."""

@@ -20,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from cvops.model.gradcam import blend, colorize_bgr, heatmap_to_image
 from cvops.service.images import BadImage, fit_within, png_base64, read_upload, upload_size
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
+from cvops.service.recording import feedback_record
 from cvops.service.schemas import (
     ErrorResponse,
     FeedbackRequest,
@@ -259,17 +260,7 @@ async def feedback(
     known = await asyncio.to_thread(state.recorder.prediction_known, str(prediction_id))
     if known is False:
         raise HTTPException(404, f"no prediction with id {prediction_id}")
-    request.state.extra_records = [
-        (
-            "feedback",
-            {
-                "id": str(uuid.uuid4()),
-                "prediction_id": str(prediction_id),
-                "label": body.label,
-                "created_on": dt.datetime.now(dt.UTC).isoformat(),
-            },
-        )
-    ]
+    request.state.extra_records = [("feedback", feedback_record(str(prediction_id), body.label))]
     return FeedbackResponse(message="Success", prediction_id=str(prediction_id), label=body.label)
 
 
