@@ -221,3 +221,16 @@ def test_model_load_downloads_once_per_version(
     with pytest.raises(ModelLoadError, match="does not match its metadata") as corrupt:
         load_model(CentralStorage(url, cache_dir=tmp_path / "new"), f"{NAME}-v1-dddddddd.yaml")
     assert corrupt.value.status == 422
+
+
+def test_scheduled_monitor_runs_get_the_bucket_but_no_credentials(s3_bucket: str) -> None:
+    """Job variables are shown in Prefect's UI: where the bucket is, never the keys (the
+    worker's environment has those)."""
+    from cvops import deploy
+
+    url = f"s3://{s3_bucket}/cs"
+    env = deploy.monitor_env(Settings(central_storage_path=url))
+    assert env["CENTRAL_STORAGE_PATH"] == url
+    assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert "AWS_ENDPOINT_URL" not in deploy.monitor_env(Settings(central_storage_path="cs"))
