@@ -17,3 +17,5 @@ os.environ["CVOPS_BACKGROUND"] = "false"
 from cvops.runtime import bootstrap_env  # noqa: E402
 
 bootstrap_env()
+
+from tests.label_studio import label_studio  # noqa: E402, F401 (session fixture)

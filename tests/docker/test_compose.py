@@ -25,6 +25,7 @@ from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 from sqlalchemy.engine import make_url
 
+from cvops.labelling.settings import LabelStudioSettings
 from cvops.service import nginx as service_nginx
 from cvops.service.settings import ServiceSettings
 from cvops.settings import Settings
@@ -62,6 +63,7 @@ EXPECTED_SERVICES = {
     "node-exporter",
     "cadvisor",
     "grafana",
+    "label-studio",
 }
 # The .env variable of each published port. Keys of StackSettings.ports() are the compose
 # service names; the rest exist only in docker (no Debian package for them).
@@ -103,6 +105,7 @@ MULTI_ARCH_IMAGES = {
     "prom/node-exporter",
     "gcr.io/cadvisor/cadvisor",
     "grafana/grafana",
+    "heartexlabs/label-studio",
 }
 MULTI_ARCH_BASES = {"python", "nginx"}
 # Host paths the exporters read (read-only); any other bind mount must be inside the repo.
@@ -122,6 +125,7 @@ SERVICE_URL_ENV = {
     "PREFECT_API_URL",
     "CVOPS_SERVICE_URL",
     "SERVICE_UPSTREAM",
+    "CVOPS_LABEL_STUDIO_URL",
 }
 # Metrics not from cvops: node exporter, cAdvisor and Prometheus' own scrape status.
 EXTERNAL_METRICS = {
@@ -285,7 +289,7 @@ def names_read_by_code() -> frozenset[str]:
     only `cvops up` on the host reads those)."""
     from cvops import runtime
 
-    names = env_names(Settings) | env_names(ServiceSettings)
+    names = env_names(Settings) | env_names(ServiceSettings) | env_names(LabelStudioSettings)
     names |= set(runtime.DEFAULT_ENV)
     literal = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["']([A-Z][A-Z0-9_]*)["']""")
     for path in (REPO / "src" / "cvops").rglob("*.py"):
@@ -773,8 +777,8 @@ def test_init_script_runs_on_postgres() -> None:
             rows = conn.execute(text("SELECT datname FROM pg_database WHERE NOT datistemplate"))
             names = {row[0] for row in rows}
         engine.dispose()
-        wanted = {env["POSTGRES_MLFLOW_DB"], env["POSTGRES_PREFECT_DB"], env["POSTGRES_SERVICE_DB"]}
-        assert names == wanted | {"postgres"}
+        wanted = {env[key] for key in env if re.fullmatch(r"POSTGRES_\w+_DB", key)}
+        assert len(wanted) == 4 and names == wanted | {"postgres"}
     finally:
         cluster.destroy()
 

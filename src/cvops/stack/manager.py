@@ -26,6 +26,7 @@ from cvops.stack.programs import (
     Service,
     client_env,
     missing_system_packages,
+    prepare_label_studio,
     services,
     write_configs,
 )
@@ -64,6 +65,8 @@ def resolve_secrets(settings: StackSettings) -> Secrets:
         "POSTGRES_PASSWORD": settings.postgres_password,
         "JUPYTER_PASSWORD": settings.jupyter_password,
         "CVOPS_SERVICE_ADMIN_TOKEN": settings.service_admin_token,
+        "LABEL_STUDIO_PASSWORD": settings.label_studio_password,
+        "CVOPS_LABEL_STUDIO_TOKEN": settings.label_studio_token,
     }
     values = {key: value.get_secret_value() for key, value in wanted.items() if value is not None}
     generated = {
@@ -76,6 +79,8 @@ def resolve_secrets(settings: StackSettings) -> Secrets:
         postgres_password=values["POSTGRES_PASSWORD"],
         jupyter_password=values["JUPYTER_PASSWORD"],
         service_admin_token=values["CVOPS_SERVICE_ADMIN_TOKEN"],
+        label_studio_password=values["LABEL_STUDIO_PASSWORD"],
+        label_studio_token=values["CVOPS_LABEL_STUDIO_TOKEN"],
     )
 
 
@@ -159,6 +164,7 @@ class LocalStack:
             pg = LocalPostgres(self.settings, secrets_.postgres_password)
             pg.prepare()
             write_configs(self.settings, secrets_)
+            prepare_label_studio(self.settings, progress)
             all_services = self._services(secrets_)
             self.supervisor.write_config([s.program for s in all_services if s.program])
             env = clean_environment(os.environ)

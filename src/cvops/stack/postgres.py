@@ -135,11 +135,17 @@ class LocalPostgres:
         )
 
     def ensure_databases(self) -> list[str]:
-        """Create the MLflow, Prefect and service databases where missing; returns new ones."""
+        """Create the MLflow, Prefect, service and Label Studio databases where missing;
+        returns new ones."""
         import psycopg
 
         s = self.settings
-        wanted = [s.postgres_mlflow_db, s.postgres_prefect_db, s.postgres_service_db]
+        wanted = [
+            s.postgres_mlflow_db,
+            s.postgres_prefect_db,
+            s.postgres_service_db,
+            s.postgres_label_studio_db,
+        ]
         created = []
         conninfo = self.url("postgres", driver="")
         with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:

@@ -70,14 +70,36 @@ class StackSettings(BaseSettings):
         description="Bearer token of PUT /update_model (deploy flow and rollback use it)",
     )
     monitor_pool_name: str = "production-model-pool"
+    label_studio_port: int = _port(8090, "Label Studio (labelling, `cvops label`)")
+    label_studio_username: str = Field(
+        default="admin@cvops.local", description="Label Studio's admin user (an e-mail address)"
+    )
+    label_studio_password: SecretStr | None = None
+    label_studio_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CVOPS_LABEL_STUDIO_TOKEN", "label_studio_token"),
+        description="API token (legacy) of the Label Studio admin; `cvops label` uses it",
+    )
+    postgres_label_studio_db: str = "label_studio"
 
-    @field_validator("postgres_password", "jupyter_password", "service_admin_token", mode="before")
+    @field_validator(
+        "postgres_password",
+        "jupyter_password",
+        "service_admin_token",
+        "label_studio_password",
+        "label_studio_token",
+        mode="before",
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @field_validator(
-        "postgres_user", "postgres_mlflow_db", "postgres_prefect_db", "postgres_service_db"
+        "postgres_user",
+        "postgres_mlflow_db",
+        "postgres_prefect_db",
+        "postgres_service_db",
+        "postgres_label_studio_db",
     )
     @classmethod
     def _identifier(cls, value: str) -> str:
@@ -92,6 +114,11 @@ class StackSettings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.stack_dir / "logs"
+
+    @property
+    def label_studio_dir(self) -> Path:
+        """Label Studio's own virtual environment (`venv/`) and data folder (`data/`)."""
+        return self.stack_dir / "label-studio"
 
     @property
     def evidently_workspace(self) -> Path:
@@ -115,6 +142,7 @@ PORT_FIELDS = {
     "prometheus": "prometheus_port",
     "node-exporter": "node_exporter_port",
     "jupyter": "jupyter_port",
+    "label-studio": "label_studio_port",
 }
 PORT_VARIABLES = {name: field.upper() for name, field in PORT_FIELDS.items()}
 
