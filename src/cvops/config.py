@@ -403,6 +403,11 @@ class LabellingConfig(StrictModel):
     version_bump: Literal["major", "minor", "patch"] = Field(
         default="minor", description="next dataset tag: v2.0.0 -> v2.1.0 (minor)"
     )
+    push_on_drift: bool = Field(
+        default=False,
+        description="with monitor.retrain_on_drift: on drift the monitor pushes to Label "
+        "Studio instead of retraining on the old data (`cvops label pull --retrain` retrains)",
+    )
     seed: int = 0
 
 

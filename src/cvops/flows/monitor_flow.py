@@ -100,6 +100,11 @@ def retrain(config: dict[str, Any] | None) -> str:
             "redeploy so the deployment carries the flow config"
         )
         return "retraining skipped: no retrain_config"
+    if (config.get("labelling") or {}).get("push_on_drift"):
+        from cvops.labelling.commands import push_on_drift
+
+        # new labels first: retraining on the old data would not fix the drift
+        return push_on_drift(config)
     from cvops.flows import full_flow
 
     log.warning("Drift: retraining with the full flow (monitor.retrain_on_drift)")

@@ -25,14 +25,10 @@ def _fail(message: str, code: int = 2) -> None:
     fail(message, code)
 
 
-def _setup(config: Path, overrides: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """(flow config, labelling config, prediction-DB engine, Label Studio client)."""
+def _setup(config: Path, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    """(flow config, labelling config with the command line's overrides)."""
     from cvops.config import ConfigError, LabellingConfig, load_config
-    from cvops.labelling.client import LabelStudio
-    from cvops.labelling.settings import LabelStudioSettings
     from cvops.runtime import bootstrap_env, configure_logging
-    from cvops.service.db import make_engine
-    from cvops.service.settings import ServiceSettings
 
     configure_logging()
     bootstrap_env()
@@ -41,24 +37,10 @@ def _setup(config: Path, overrides: dict[str, Any]) -> tuple[Any, Any, Any, Any]
         cfg.require("model")
         data = (cfg.labelling or LabellingConfig()).model_dump()
         data.update({k: v for k, v in overrides.items() if v is not None})
-        labelling = LabellingConfig.model_validate(data)
+        return cfg, LabellingConfig.model_validate(data)
     except (ConfigError, ValueError) as err:
         _fail(str(err))
-    try:
-        url, token = LabelStudioSettings().require()
-    except ValueError as err:
-        _fail(str(err))
-    engine = make_engine(ServiceSettings().resolved_db_url)
-    return cfg, labelling, engine, LabelStudio(url, token)
-
-
-def load_model_metadata(metadata_file: str) -> tuple[Any, Any]:
-    """(central storage, the model's metadata), from a folder or object storage."""
-    from cvops.settings import get_settings
-    from cvops.storage import open_storage
-
-    store = open_storage(get_settings())
-    return store, store.load_metadata(metadata_file)
+        raise  # unreachable: _fail exits
 
 
 @label_app.command("push")
@@ -77,25 +59,14 @@ def push_cmd(
 ) -> None:
     """Send the current model's predictions most worth a label to its Label Studio project
     (pre-annotated with the model's answer); never the same image twice."""
-    from cvops.flows.eval_flow import metadata_file_name
     from cvops.labelling.client import LabelStudioError
-    from cvops.labelling.loop import push
-    from cvops.monitor.check import load_reference
+    from cvops.labelling.commands import run_push
 
-    cfg, labelling, engine, studio = _setup(
-        config, {"n": n, "strategy": strategy, "random_share": random_share}
-    )
+    cfg, labelling = _setup(config, {"n": n, "strategy": strategy, "random_share": random_share})
     try:
-        storage, meta = load_model_metadata(metadata_file_name(cfg))
-        reference = None
-        if labelling.strategy == "drift_weighted":
-            reference = load_reference(storage, meta)
-        result = push(engine, studio, meta, labelling, reference=reference)
-    except (LabelStudioError, FileNotFoundError) as err:
+        meta, result = run_push(cfg, labelling)
+    except (LabelStudioError, FileNotFoundError, ValueError) as err:
         _fail(str(err), code=1)
-    finally:
-        studio.close()
-        engine.dispose()
     typer.echo(f"{meta.model_name} v{meta.version}: {result.describe()}")
 
 
@@ -116,20 +87,14 @@ def pull_cmd(
     remote); pulling again adds nothing twice."""
     from cvops.data.versioning import DataVersionError
     from cvops.labelling.client import LabelStudioError
-    from cvops.labelling.loop import pull
+    from cvops.labelling.commands import run_pull
 
-    cfg, labelling, engine, studio = _setup(config, {})
+    cfg, labelling = _setup(config, {})
     try:
         cfg.require("dataset")
-    except ValueError as err:
-        _fail(str(err))
-    try:
-        result = pull(engine, studio, cfg, labelling)
+        result = run_pull(cfg, labelling)
     except (LabelStudioError, DataVersionError, ValueError) as err:
         _fail(str(err), code=1)
-    finally:
-        studio.close()
-        engine.dispose()
     typer.echo(result.describe())
     if not retrain:
         return
