@@ -65,5 +65,11 @@ bench: setup
 bench-accuracy: setup  ## accuracy per backbone at a fixed CPU budget -> benchmarks/results/accuracy.md (~1 h on 2 cores)
 	nice -n 19 $(BIN)/python benchmarks/accuracy.py
 
+# e.g. BENCH_DRIFT_CAUSE_ARGS="--windows 5 --out /tmp/drift_cause.md" for a smoke run
+BENCH_DRIFT_CAUSE_ARGS ?=
+.PHONY: bench-drift-cause
+bench-drift-cause: setup  ## is the injected drift cause ranked first? every shift scenario on fresh images -> benchmarks/results/drift_cause.md (~30 min on 2 cores)
+	nice -n 10 $(BIN)/python benchmarks/drift_cause.py $(BENCH_DRIFT_CAUSE_ARGS)
+
 clean-demo:  ## remove the demo's data and results (datasets/, central_storage/, .cvops/)
 	rm -rf datasets central_storage .cvops
