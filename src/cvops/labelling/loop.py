@@ -345,7 +345,6 @@ class PullResult:
     tag: str | None
     base_tag: str | None
     unknown: int = 0
-    retrain: dict[str, Any] | None = None
 
     def describe(self) -> str:
         if self.changes == 0:
