@@ -142,6 +142,16 @@ def test_up_runs_every_service_healthy(project: Project) -> None:
     assert kernels["kernelspecs"]["cvops"]["spec"]["argv"][0] == sys.executable
     page = httpx.get(project.url("WEBUI_PORT", "/"))
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # Label Studio: on the stack's Postgres, the generated token in the clients' settings
+    assert "Label Studio" in up.stdout
+    client = project.client_env()
+    assert client["CVOPS_LABEL_STUDIO_URL"] == project.url("LABEL_STUDIO_PORT")
+    token = {"Authorization": f"Token {client['CVOPS_LABEL_STUDIO_TOKEN']}"}
+    projects = httpx.get(project.url("LABEL_STUDIO_PORT", "/api/projects"), headers=token)
+    assert projects.status_code == 200, projects.text
+    with project.pg(project.client_env()["CVOPS_SERVICE_DB_URL"].rsplit("/", 1)[1]) as conn:
+        databases = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    assert "label_studio" in databases
 
 
 def test_full_flow_against_the_stack(project: Project) -> None:
