@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -76,13 +75,13 @@ def test_mlflow_server_stores_artifacts_in_the_bucket(
         experiment = client.create_experiment("s3-artifacts")
         run = client.create_run(experiment)
         (tmp_path / "note.txt").write_text("in the bucket")
-        mlflow.set_tracking_uri(base)
         client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"), "notes")
         assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == [
             "notes/note.txt"
         ]
         stored = CentralStorage(url).fs.find(f"{s3_bucket}/central/mlartifacts")
         assert any(o.endswith(f"{run.info.run_id}/artifacts/notes/note.txt") for o in stored)
+        assert os.environ.get("MLFLOW_TRACKING_URI") != base  # nothing leaks to later tests
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
