@@ -245,7 +245,7 @@ class EarlyStoppingConfig(StrictModel):
     """
 
     enabled: bool = True
-    patience: int = Field(default=5, ge=0, description="epochs without improvement, then stop")
+    patience: int = Field(default=8, ge=0, description="epochs without improvement, then stop")
     min_delta: float = Field(default=0.0, ge=0.0, description="smaller val_loss gains don't count")
 
 
@@ -255,7 +255,7 @@ class LrScheduleConfig(StrictModel):
 
     kind: Literal["plateau", "cosine", "none"] = "plateau"
     factor: float = Field(default=0.5, gt=0.0, lt=1.0, description="plateau: lr *= factor")
-    patience: int = Field(default=2, ge=0, description="plateau: epochs without improvement")
+    patience: int = Field(default=4, ge=0, description="plateau: epochs without improvement")
     min_delta: float = Field(default=1e-4, ge=0.0, description="plateau: smaller gains don't count")
     min_lr: float = Field(default=1e-6, ge=0.0, description="plateau and cosine: the lowest lr")
     warmup_epochs: int = Field(default=0, ge=0, description="cosine: epochs rising to init_lr")

@@ -71,7 +71,8 @@ class Recorder(keras.callbacks.Callback):
 
 def test_defaults_apply_to_a_reference_config() -> None:
     train = make_cfg().train
-    assert train.early_stopping.enabled and train.early_stopping.patience == 5
+    assert train.early_stopping.enabled and train.early_stopping.patience == 8
+    assert train.lr_schedule.patience == 4
     assert train.lr_schedule.kind == "plateau"
     assert train.class_weight == "none"
     assert train.augmentation.horizontal_flip and not train.augmentation.vertical_flip

@@ -23,7 +23,7 @@ class RandomHueRotation(keras.layers.Layer):
     Why: where colour correlates with the class without defining it (the demo's shapes: each
     class has its own hue, with exceptions), a network latches onto colour within two epochs
     and the shape signal comes only from the exceptions; at 0.5 it must learn shape for half the
-    images and still uses colour where it holds (demo 0.89 -> 0.96 at the same CPU budget,
+    images and still uses colour where it holds (demo 0.89 -> 0.985 at the same CPU budget,
     benchmarks/results/accuracy.md). Keras' RandomHue has no per-image probability.
     """
 
