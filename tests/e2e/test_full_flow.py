@@ -89,7 +89,11 @@ def test_package_in_central_storage_loads_with_right_shapes(project: dict) -> No
     assert meta.bbsd_model_path == f"models/{name}_bbsd.keras"
 
     ref = pd.read_parquet(storage / "ref_data" / f"{name}_ref_data.parquet")
-    assert list(ref.columns) == ["uae_feats", "bbsd_feats", "label", "hidden_feats"]
+    from cvops.data.properties import IMAGE_PROPERTIES
+
+    props = [f"prop_{name}" for name in IMAGE_PROPERTIES]  # the drift-cause properties
+    assert list(ref.columns) == ["uae_feats", "bbsd_feats", "label", "hidden_feats", *props]
+    assert ref[props].notna().all().all()
     assert len(ref) == 20
     assert {len(v) for v in ref["uae_feats"]} == {32}
     assert {len(v) for v in ref["bbsd_feats"]} == {3}
