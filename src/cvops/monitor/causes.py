@@ -16,8 +16,14 @@ probabilities of a window and of the reference, and returns a :class:`CauseRepor
   entropy against the reference.
 - ranking: significant properties by KS distance, where a property that moves with a broader
   one in the same direction and no further (mean red with brightness, sharpness with contrast)
-  ranks right after it; then the prediction shift, which image changes usually drag along; the
-  prediction shift ranks first when no property moved.
+  ranks right after it; then the prediction shift, which image changes usually drag along. The
+  prediction shift ranks first when no property moved, or when it moved a larger share of the
+  window than the leading property: its total variation distance (share of predictions that
+  changed class) against that property's KS distance (largest share of images on the other
+  side of a threshold), both "what share moved". A class-mix shift or new kinds of objects
+  move many predictions and, as side effects, a property a little (new thin shapes add edges);
+  an image change strong enough to drag the predictions moves its property more
+  (benchmarks/results/drift_cause.md).
 - one sentence naming the likely cause, or "no single cause".
 
 The window images that show it (top-k by the domain classifier's out-of-fold score) are picked
@@ -179,7 +185,8 @@ class CauseReport:
             if p.significant and p.explained_by is None and p.cause not in order:
                 order.append(p.cause)
         if self.prediction is not None and self.prediction.significant:
-            order.append(PREDICTION_CAUSE)
+            at = 0 if prediction_leads(self.properties, self.prediction) else len(order)
+            order.insert(at, PREDICTION_CAUSE)
         return order
 
     def as_dict(self, images: bool = False) -> dict[str, Any]:
@@ -389,6 +396,18 @@ def _quote(names: Sequence[str]) -> str:
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
+def prediction_leads(
+    properties: Sequence[PropertyShift], prediction: PredictionShift | None
+) -> bool:
+    """Whether a significant prediction shift ranks before every property: no property moved,
+    or the share of predictions that changed class (total variation) exceeds the leading
+    property's KS distance."""
+    if prediction is None or not prediction.significant:
+        return False
+    leading = [p for p in properties if p.significant and p.explained_by is None]
+    return not leading or prediction.total_variation > leading[0].statistic
+
+
 def cause_sentence(
     properties: Sequence[PropertyShift],
     prediction: PredictionShift | None,
@@ -396,8 +415,8 @@ def cause_sentence(
     tests: int = 1,
 ) -> tuple[str, str | None]:
     """(sentence, top cause): up to two leading property changes of different causes, then
-    the prediction shift, and a confidence drop (at `level` / `tests`) when there is a cause;
-    NO_SINGLE_CAUSE when nothing is significant."""
+    the prediction shift (first when it leads, `prediction_leads`), and a confidence drop (at
+    `level` / `tests`) when there is a cause; NO_SINGLE_CAUSE when nothing is significant."""
     leaders: list[PropertyShift] = []
     for p in properties:
         if p.significant and p.explained_by is None and p.cause not in {q.cause for q in leaders}:
@@ -435,8 +454,11 @@ def cause_sentence(
             f"the model is less confident (mean {prediction.reference_confidence:.2f} \u2192 "
             f"{prediction.window_confidence:.2f})"
         )
+    leads = prediction_leads(properties, prediction)
+    if leads and leaders:
+        parts[0], parts[1] = parts[1], parts[0]
     sentence = "; ".join(parts)
-    top = leaders[0].cause if leaders else PREDICTION_CAUSE
+    top = PREDICTION_CAUSE if leads else leaders[0].cause
     return sentence[0].upper() + sentence[1:], top
 
 
