@@ -24,24 +24,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cvops.data.validation.features import noise_level, pixel_properties
+from cvops.data.validation.features import PROPERTIES, noise_level, pixel_properties
 
 log = logging.getLogger(__name__)
 
 # Report order. width/height/aspect: the original image; the rest: the model input.
-IMAGE_PROPERTIES: tuple[str, ...] = (
-    "width",
-    "height",
-    "aspect",
-    "brightness",
-    "contrast",
-    "sharpness",
-    "saturation",
-    "mean_r",
-    "mean_g",
-    "mean_b",
-    "noise",
-)
+IMAGE_PROPERTIES: tuple[str, ...] = (*PROPERTIES, "noise")  # data validation's, plus noise
 PROPERTY_MAX_SIDE = 64
 REFERENCE_PREFIX = "prop_"
 
