@@ -40,7 +40,7 @@ def monitor_run(n: int) -> str:
     from sqlalchemy import text
 
     from cvops.monitor.stats import DEFAULT_METHODS
-    from cvops.service.db import make_engine
+    from cvops.records.schema import make_engine
 
     run = run_deployment(
         "drift_detection_evidently/drift_detection_evidently",

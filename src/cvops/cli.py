@@ -180,7 +180,7 @@ def print_causes(run_id: str | None, model_name: str | None = None) -> bool:
 
     from cvops.monitor.cause_view import cause_tables
     from cvops.monitor.check import stored_causes
-    from cvops.service.db import make_engine
+    from cvops.records.schema import make_engine
     from cvops.service.settings import ServiceSettings
 
     engine = make_engine(ServiceSettings().resolved_db_url)

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from cvops import background
 from cvops.monitor.schedule import REGISTERED
-from cvops.service.db import DriftReport, make_engine
+from cvops.records.schema import DriftReport, make_engine
 from tests.service.conftest import free_port, image_bytes, package
 
 pytestmark = pytest.mark.slow

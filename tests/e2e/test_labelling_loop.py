@@ -29,8 +29,8 @@ from cvops.data.demo import CLASSES, generate_demo_dataset
 from cvops.data.demo_repo import build_demo_repo
 from cvops.data.versioning import list_tags
 from cvops.labelling.client import LabelStudio
+from cvops.records.schema import Feedback, LabellingTask, Prediction, make_engine
 from cvops.service.app import create_app
-from cvops.service.db import Feedback, LabellingTask, Prediction, make_engine
 from cvops.service.settings import ServiceSettings
 from cvops.storage import read_metadata
 

@@ -35,7 +35,7 @@ from sqlalchemy import Row, func, select
 from sqlalchemy.engine import Engine
 
 from cvops.monitor.stats import DEFAULT_METHODS
-from cvops.service.db import DriftReport, Prediction, make_engine
+from cvops.records.schema import DriftReport, Prediction, make_engine
 from tests.service.conftest import ServiceProcess, package
 from tests.test_prefect_deploy import prefect_server  # noqa: F401 (fixture)
 

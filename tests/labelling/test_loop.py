@@ -23,7 +23,7 @@ from cvops.data.versioning import current_version, list_tags
 from cvops.labelling import loop
 from cvops.labelling.client import LabelStudio
 from cvops.monitor.check import feedback_labels
-from cvops.service.db import LabellingTask, Prediction, make_engine, upgrade_schema
+from cvops.records.schema import LabellingTask, Prediction, make_engine, upgrade_schema
 
 pytestmark = pytest.mark.slow
 CLASSES_3 = list(CLASSES[:3])

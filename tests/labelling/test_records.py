@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import inspect
 
 from cvops.labelling.loop import candidate_pool
-from cvops.service.db import LabellingTask, make_engine, upgrade_schema
+from cvops.records.schema import LabellingTask, make_engine, upgrade_schema
 from cvops.service.recording import feedback_record, write_batch
 from tests.labelling.test_loop import CLASSES_3, insert_predictions
 from tests.pg import PostgresCluster

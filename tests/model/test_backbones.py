@@ -301,7 +301,7 @@ def test_saved_package_is_served(packaged: Packaged) -> None:
 
 def test_monitor_monitors_its_embeddings(packaged: Packaged, tmp_path: Path) -> None:
     from cvops.monitor.run import run_monitor
-    from cvops.service.db import make_engine, upgrade_schema
+    from cvops.records.schema import make_engine, upgrade_schema
     from cvops.service.recording import write_batch
 
     loaded = packaged.loaded

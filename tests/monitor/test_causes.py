@@ -33,7 +33,7 @@ from cvops.model.pipeline import make_dataset
 from cvops.model.train import save_package
 from cvops.monitor.causes import NO_SINGLE_CAUSE, PREDICTION_CAUSE, explain_drift
 from cvops.monitor.run import run_monitor
-from cvops.service.db import make_engine, upgrade_schema
+from cvops.records.schema import make_engine, upgrade_schema
 from cvops.service.recording import write_batch
 from cvops.storage import CentralStorage, ModelMetadata, utc_now
 
@@ -269,7 +269,7 @@ def test_causes_reach_report_webhook_cli_and_prometheus(
     from cvops.flows.monitor_flow import alert_payload
     from cvops.monitor.check import load_reference
     from cvops.monitor.evidently_report import build_snapshot, write_html
-    from cvops.service.db import latest_drift_cause
+    from cvops.records.schema import latest_drift_cause
     from cvops.service.metrics import ServiceMetrics
     from cvops.storage import read_metadata
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from cvops.monitor.run import run_monitor
-from cvops.service.db import make_engine, upgrade_schema
+from cvops.records.schema import make_engine, upgrade_schema
 from cvops.service.recording import write_batch
 from cvops.storage import CentralStorage, read_metadata
 from tests.service.conftest import package

@@ -10,8 +10,8 @@ from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from cvops.records.schema import make_engine, upgrade_schema
 from cvops.service.app import create_app
-from cvops.service.db import make_engine, upgrade_schema
 from cvops.service.recording import write_batch
 from tests.pg import wait_until
 from tests.service.conftest import free_port, image_bytes
@@ -66,7 +66,7 @@ def test_migration_collapses_existing_duplicates(tmp_path: Path) -> None:
     engine = make_engine(url)
     from alembic.config import Config
 
-    from cvops.service.db import MIGRATIONS
+    from cvops.records.schema import MIGRATIONS
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

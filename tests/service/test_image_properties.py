@@ -16,7 +16,7 @@ from sqlalchemy import inspect, text
 
 from cvops.data.properties import IMAGE_PROPERTIES, input_properties, properties_frame
 from cvops.model.preprocess import preprocess_image, resize_and_scale_matrices
-from cvops.service.db import MIGRATIONS, Prediction, make_engine, upgrade_schema
+from cvops.records.schema import MIGRATIONS, Prediction, make_engine, upgrade_schema
 from cvops.service.images import read_upload
 from cvops.service.recording import Recorder
 from tests.service.conftest import image_bytes

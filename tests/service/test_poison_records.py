@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import ProgrammingError
 
-from cvops.service.db import ApiLog
+from cvops.records.schema import ApiLog
 from cvops.service.recording import Recorder
 from tests.pg import PostgresCluster, wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from cvops.service.db import make_engine, upgrade_schema
+from cvops.records.schema import make_engine, upgrade_schema
 
 
 def test_images_are_stored_without_recompression(postgres) -> None:

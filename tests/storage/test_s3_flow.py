@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from cvops.data.demo import CLASSES
 from cvops.data.demo_repo import build_demo_repo
-from cvops.service.db import DriftReport, make_engine
+from cvops.records.schema import DriftReport, make_engine
 from cvops.storage import CentralStorage
 from tests.s3 import S3Server
 from tests.service.conftest import ServiceProcess, image_bytes

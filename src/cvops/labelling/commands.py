@@ -24,7 +24,7 @@ def load_model_metadata(metadata_file: str) -> tuple[Any, Any]:
 
 
 def _engine() -> Any:
-    from cvops.service.db import make_engine
+    from cvops.records.schema import make_engine
     from cvops.service.settings import ServiceSettings
 
     return make_engine(ServiceSettings().resolved_db_url)

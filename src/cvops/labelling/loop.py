@@ -39,7 +39,13 @@ from cvops.config import FlowConfig, LabellingConfig
 from cvops.labelling.client import LabelStudio, choice_result, label_config
 from cvops.labelling.select import Selection
 from cvops.labelling.select import select as select_rows
-from cvops.service.db import Feedback, LabellingTask, Prediction, latest_drift_rows, upgrade_schema
+from cvops.records.schema import (
+    Feedback,
+    LabellingTask,
+    Prediction,
+    latest_drift_rows,
+    upgrade_schema,
+)
 from cvops.service.recording import feedback_record, write_batch
 
 log = logging.getLogger(__name__)

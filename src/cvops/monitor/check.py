@@ -30,7 +30,7 @@ from cvops.monitor.stats import (
     DriftTester,
     looks_like_probabilities,
 )
-from cvops.service.db import DriftCause, DriftReport, Feedback, Prediction, upgrade_schema
+from cvops.records.schema import DriftCause, DriftReport, Feedback, Prediction, upgrade_schema
 from cvops.storage import CentralStorage, ModelMetadata
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from cvops.monitor.check import (
     recent_window,
     save_check,
 )
-from cvops.service.db import make_engine, upgrade_schema
+from cvops.records.schema import make_engine, upgrade_schema
 from cvops.storage import CentralStorage
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from cvops.data.properties import input_properties
-from cvops.service.db import (
+from cvops.records.schema import (
     ApiLog,
     DeadLetter,
     Feedback,

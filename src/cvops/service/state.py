@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
+from cvops.records.schema import latest_drift_cause, latest_drift_rows
 from cvops.service.batching import MicroBatcher
-from cvops.service.db import latest_drift_cause, latest_drift_rows
 from cvops.service.metrics import ServiceMetrics
 from cvops.service.model_store import LoadedModel, ModelLoadError, load_model
 from cvops.service.recording import Recorder

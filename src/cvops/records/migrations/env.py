@@ -1,8 +1,8 @@
-"""Alembic environment: runs on the connection handed over by `cvops.service.db`."""
+"""Alembic environment: runs on the connection handed over by `cvops.records.schema`."""
 
 from alembic import context
 
-from cvops.service.db import Base
+from cvops.records.schema import Base
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=Base.metadata)

@@ -1,4 +1,4 @@
-"""Prediction DB tables (reference names and columns) and schema migration via Alembic.
+"""Record tables (reference names and columns) and schema migration via Alembic.
 
 Ids are client-generated UUID strings (the reference used serial ints) so that a record spooled
 during an outage can be re-sent any number of times and still lands exactly once.
