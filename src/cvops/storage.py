@@ -338,6 +338,39 @@ class CentralStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def write_objects(self, objects: dict[str, bytes], *, fsync: bool = True) -> None:
+        """Many small objects (replacing any of the same key); on return every one is stored.
+        On S3 the PUTs run concurrently (one fsspec `pipe`), each durable once answered;
+        locally each file is renamed into place complete and, with `fsync`, flushed to disk
+        with its folders (survives power loss)."""
+        if not objects:
+            return
+        if self.remote:
+            self.fs.pipe({self._path(k): v for k, v in objects.items()})
+            return
+        folders: set[Path] = set()
+        for relative, data in objects.items():
+            target = self.resolve(relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    if fsync:
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            folders.update((target.parent, target.parent.parent))
+        if fsync:
+            for folder in folders:
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def sha256_of(self, relative: str) -> str:
         """SHA-256 of a stored object, streamed (no local copy)."""
         digest = hashlib.sha256()

@@ -34,7 +34,7 @@ from cvops.model.train import save_package
 from cvops.monitor.causes import NO_SINGLE_CAUSE, PREDICTION_CAUSE, explain_drift
 from cvops.monitor.run import run_monitor
 from cvops.records.schema import make_engine, upgrade_schema
-from cvops.service.recording import write_batch
+from cvops.service.recording import Recorder, write_batch
 from cvops.storage import CentralStorage, ModelMetadata, utc_now
 
 CLASSES = ["circle", "square", "triangle", "star"]
@@ -199,6 +199,52 @@ def test_class_prior_shift_ranks_the_prediction_shift_first(world: World, tmp_pa
     assert causes.prediction.towards(), causes.prediction.classes
     assert not [p.name for p in causes.properties if p.significant]
     print("class prior:", causes.sentence)
+
+
+def monitor_through_flusher(
+    world: World, tmp_path: Path, storage: CentralStorage | None, keep: bool = True
+):
+    """The brightness window written by the service's spool flusher: images moved to
+    `storage` (CVOPS_SERVICE_STORE_IMAGES=central_storage), or not kept at all (`none`)."""
+    rows = window_rows(world, "brightness", "high", seed=0)
+    if not keep:
+        for row in rows:
+            row["input_img"] = row["overlaid_img"] = None
+    url = f"sqlite:///{tmp_path / 'flushed.db'}"
+    recorder = Recorder(url, tmp_path / "spool", fsync=False, image_storage=storage)
+    recorder.start()
+    recorder.record([("prediction", r) for r in rows])
+    recorder.stop()  # flushes the spool
+    return run_monitor(world.storage, world.metadata_file, url, last_n=WINDOW), url
+
+
+def test_examples_come_from_central_storage_when_images_are_not_in_the_db(
+    world: World, tmp_path: Path
+) -> None:
+    check, url = monitor_through_flusher(world, tmp_path, world.storage)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        inline = conn.execute(text("SELECT COUNT(input_img) FROM predictions")).scalar_one()
+    engine.dispose()
+    assert inline == 0  # the rows reference the objects
+    causes = check.causes
+    assert causes is not None and causes.top_cause == "brightness"
+    assert len(causes.examples) == 8 and not causes.notes
+    assert all(e.image and e.image.startswith("data:image/jpeg;base64,") for e in causes.examples)
+    assert all(e.overlay and e.overlay.startswith("data:image/") for e in causes.examples)
+
+
+def test_examples_without_stored_images_keep_their_ids_and_say_why(
+    world: World, tmp_path: Path
+) -> None:
+    check, _ = monitor_through_flusher(world, tmp_path, None, keep=False)
+    causes = check.causes
+    assert causes is not None and causes.top_cause == "brightness"  # the causes stand
+    assert len(causes.examples) == 8 and all(e.image is None for e in causes.examples)
+    assert causes.notes == [
+        "8 of 8 example images were not stored (the service ran with "
+        "CVOPS_SERVICE_STORE_IMAGES=none): ids only; set it to db or central_storage to see them"
+    ]
 
 
 def test_unshifted_traffic_gives_no_cause(world: World, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from cvops.data.properties import IMAGE_PROPERTIES, REFERENCE_PREFIX, reference_properties
-from cvops.monitor.causes import CauseReport, Example, explain_drift, top_examples
+from cvops.monitor.causes import CauseReport, explain_drift, top_examples
 from cvops.monitor.stats import (
     DEFAULT_METHODS,
     REPORTED_METHODS,
@@ -30,6 +30,7 @@ from cvops.monitor.stats import (
     DriftTester,
     looks_like_probabilities,
 )
+from cvops.records.images import IMAGE_KEY, OVERLAY_KEY
 from cvops.records.schema import DriftCause, DriftReport, Feedback, Prediction, upgrade_schema
 from cvops.storage import CentralStorage, ModelMetadata
 
@@ -366,7 +367,16 @@ def thumbnail_uri(b64: str | None, side: int = 112) -> str | None:
     if not b64:
         return None
     try:
-        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+        data = base64.b64decode(b64)
+    except ValueError:
+        return None
+    return thumbnail_of(data, side)
+
+
+def thumbnail_of(data: bytes, side: int = 112) -> str | None:
+    """Image bytes as a small JPEG data URI (None when unreadable)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (side, side))
             rgb = im.convert("RGB")
     except Exception:  # noqa: BLE001 - a bad stored image loses its thumbnail, not the report
@@ -380,20 +390,57 @@ def thumbnail_uri(b64: str | None, side: int = 112) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def add_thumbnails(engine: Engine, examples: list[Example]) -> int:
-    """Thumbnails of the upload and its Grad-CAM overlay from the predictions table, where the
-    service stored them (CVOPS_SERVICE_STORE_IMAGES); returns how many examples got one."""
+def add_thumbnails(
+    engine: Engine, report: CauseReport, storage: CentralStorage | None = None
+) -> int:
+    """Thumbnails of the examples' uploads and Grad-CAM overlays, wherever the service kept
+    them (CVOPS_SERVICE_STORE_IMAGES, `cvops.records.images`): inline in the predictions row,
+    else the objects the row references in central storage. Examples without an image keep
+    their ids, and the report says why in a note. Returns how many examples got one."""
+    examples = report.examples
     if not examples:
         return 0
     by_id = {e.prediction_id: e for e in examples}
-    stmt = select(Prediction.id, Prediction.input_img, Prediction.overlaid_img).where(
-        Prediction.id.in_(list(by_id))
-    )
+    stmt = select(
+        Prediction.id, Prediction.input_img, Prediction.overlaid_img, Prediction.prediction_json
+    ).where(Prediction.id.in_(list(by_id)))
+    not_stored, unread, errors = 0, 0, []
     with engine.connect() as conn:
-        for row in conn.execute(stmt):
-            example = by_id[row.id]
+        rows = conn.execute(stmt).all()
+    for row in rows:
+        example = by_id[row.id]
+        if row.input_img:
             example.image = thumbnail_uri(row.input_img)
             example.overlay = thumbnail_uri(row.overlaid_img)
+            continue
+        keys = row.prediction_json if isinstance(row.prediction_json, dict) else {}
+        if not keys.get(IMAGE_KEY):
+            not_stored += 1
+            continue
+        if storage is None:
+            unread += 1
+            errors.append("no central storage given to read them from")
+            continue
+        for attr, name in (("image", IMAGE_KEY), ("overlay", OVERLAY_KEY)):
+            if not keys.get(name):
+                continue
+            try:
+                setattr(example, attr, thumbnail_of(storage.read_bytes(keys[name])))
+            except Exception as err:  # noqa: BLE001 - a missing image never fails the report
+                log.warning("example image %s not read from %s: %s", keys[name], storage, err)
+                errors.append(f"{keys[name]}: {type(err).__name__}")
+        unread += example.image is None
+    if not_stored:
+        report.notes.append(
+            f"{not_stored} of {len(examples)} example images were not stored (the service "
+            "ran with CVOPS_SERVICE_STORE_IMAGES=none): ids only; set it to db or "
+            "central_storage to see them"
+        )
+    if unread:
+        report.notes.append(
+            f"{unread} of {len(examples)} example images kept in central storage could not be "
+            f"read ({errors[0] if errors else 'unreadable image'})"
+        )
     return sum(e.image is not None for e in examples)
 
 

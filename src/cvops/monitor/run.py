@@ -42,7 +42,7 @@ def run_monitor(
             extras = load_reference_extras(storage, meta)
             explain_check(check, reference, extras, meta.classes, alpha=alpha, seed=seed)
             assert check.causes is not None
-            add_thumbnails(engine, check.causes.examples)
+            add_thumbnails(engine, check.causes, storage)
             log.info("Likely cause: %s", check.causes.sentence)
         check.labelled, check.live_accuracy = live_accuracy(engine, window)
         check.test_accuracy = meta.metrics.get("test_accuracy")

@@ -12,6 +12,12 @@ off the request path: a request hands its model input to `Recorder.keep_input` (
 no copy or work), and the flusher measures it as it moves the prediction to the database. Held
 inputs are bounded in memory; a prediction whose input was not held (a long database outage,
 a spool adopted from a dead worker) is stored without properties.
+
+With `CVOPS_SERVICE_STORE_IMAGES=central_storage` the flusher also moves each prediction's
+images out of its record into central storage (`cvops.records.images`: keys, layout)
+before writing the row that references them. A storage outage is retried like a database
+outage: the batch stays spooled, nothing is written until its images are stored, and a batch
+re-read after a crash rewrites the same objects (keys come from the prediction id).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from cvops.data.properties import input_properties
+from cvops.records.images import ImageStoreUnavailable, stored_objects
 from cvops.records.schema import (
     ApiLog,
     DeadLetter,
@@ -57,6 +64,7 @@ from cvops.records.schema import (
     private_file,
     upgrade_schema,
 )
+from cvops.storage import CentralStorage, StoragePathError
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +276,7 @@ class Recorder:
         fsync: bool = True,
         on_dead_letter: Callable[[str], None] | None = None,
         input_buffer_bytes: int = 64 * 1024 * 1024,
+        image_storage: CentralStorage | None = None,
     ) -> None:
         self.engine = make_engine(db_url)
         self.spool_dir = spool_dir
@@ -290,6 +299,11 @@ class Recorder:
         self._inputs_limit = input_buffer_bytes
         self._inputs_lock = threading.Lock()
         self.inputs_dropped = 0
+        # central storage for the images (None: they stay in the rows), and the predictions
+        # whose images it already holds (a batch retried after a DB outage is not re-sent)
+        self.image_storage = image_storage
+        self._fsync = fsync
+        self._images_stored: set[str] = set()
 
     def submit(self, records: list[tuple[str, dict[str, Any]]]) -> Future[None]:
         """Queue one request's records for the spool; the future is done once they are on
@@ -327,6 +341,39 @@ class Recorder:
                     held = self._inputs.pop(str(payload.get("id")), None)
                     if held is not None:
                         self._inputs_bytes -= held[0].nbytes
+                    self._images_stored.discard(str(payload.get("id")))
+
+    def _store_images(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Move the images of the batch's predictions to central storage, all before any row
+        is written: each record loses its base64 images and its `prediction_json` gains the
+        keys. ImageStoreUnavailable (the batch stays spooled, retried) when storage fails."""
+        assert self.image_storage is not None
+        objects: dict[str, bytes] = {}
+        moved: list[str] = []
+        for kind, payload in records:
+            if kind != "prediction" or not payload.get("input_img"):
+                continue
+            prediction_id = str(payload.get("id"))
+            try:
+                keys, images = stored_objects(payload)
+                for key in images:
+                    self.image_storage.check_relative(key)
+            except (StoragePathError, ValueError, KeyError) as err:  # keep this one inline
+                log.warning("images of prediction %s stay in the DB: %s", prediction_id, err)
+                continue
+            if prediction_id not in self._images_stored:
+                objects.update(images)
+            payload["prediction_json"] = {**(payload.get("prediction_json") or {}), **keys}
+            payload["input_img"] = payload["raw_hm_img"] = payload["overlaid_img"] = None
+            moved.append(prediction_id)
+        try:
+            self.image_storage.write_objects(objects, fsync=self._fsync)
+        except Exception as err:
+            raise ImageStoreUnavailable(
+                f"central storage {self.image_storage.url} did not take {len(objects)} "
+                f"images: {type(err).__name__}: {err}"
+            ) from err
+        self._images_stored.update(moved)
 
     def _add_properties(self, records: list[tuple[str, dict[str, Any]]]) -> None:
         """`image_props` of every prediction whose model input is held. The input stays held
@@ -430,9 +477,9 @@ class Recorder:
         self._thread.join(timeout)
         try:
             self._flush_spool(self.spool)
-        except SQLAlchemyError as err:
+        except (SQLAlchemyError, ImageStoreUnavailable) as err:
             log.warning(
-                "DB unavailable at shutdown (%s): %d records stay spooled in %s",
+                "DB or image storage unavailable at shutdown (%s): %d records stay spooled in %s",
                 type(err).__name__,
                 self.spool.pending(),
                 self.spool.path,
@@ -448,6 +495,8 @@ class Recorder:
         while batch := spool.take(self.batch_size):
             records = [(kind, payload) for _, kind, payload in batch]
             self._add_properties(records)
+            if self.image_storage is not None:
+                self._store_images(records)
             self._write_or_split(records)
             self._release_inputs(records)
             spool.delete_upto(batch[-1][0])
@@ -551,7 +600,7 @@ class Recorder:
 
     def _run(self) -> None:
         retrying = Retrying(
-            retry=retry_if_exception_type(SQLAlchemyError),
+            retry=retry_if_exception_type((SQLAlchemyError, ImageStoreUnavailable)),
             wait=wait_exponential(multiplier=0.5, max=10),
             stop=stop_when_event_set(self._stop),
             sleep=self._stop.wait,
@@ -570,10 +619,15 @@ class Recorder:
             self._wake.clear()
 
     def _log_outage(self, state: Any) -> None:
+        err = state.outcome.exception()
+        if isinstance(err, ImageStoreUnavailable):  # the DB may well answer: feedback checks it
+            if state.attempt_number == 1:
+                log.warning("%s; %d records spooled on disk, retrying", err, self.spool.pending())
+            return
         if self.db_available or state.attempt_number == 1:
             log.warning(
                 "Prediction DB unavailable (%s); %d records spooled on disk, retrying",
-                type(state.outcome.exception()).__name__,
+                type(err).__name__,
                 self.spool.pending(),
             )
         self.db_available = False

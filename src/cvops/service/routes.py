@@ -190,7 +190,7 @@ async def predict(
         stage.labels("render").observe(rendered - inferred)
     # image properties: measured by the spool flusher, off the request path
     state.recorder.keep_input(prediction_id, x, width, height)
-    stored = data if state.settings.store_images else None
+    stored = data if state.settings.keeps_images else None  # central storage: the flusher
     request.state.prediction_record = prediction_record(response, stored)
     # serialised once by pydantic: FastAPI would validate the model again, then dump it
     return Response(response.model_dump_json(), media_type="application/json")

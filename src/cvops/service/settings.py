@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cvops.records.images import ImageStore
 from cvops.storage import StorageLocation
 
 
@@ -65,7 +66,12 @@ class ServiceSettings(BaseSettings):
     )
     reload_poll_s: float = Field(default=0.25, gt=0)
     drift_refresh_s: float = Field(default=30.0, gt=0, description="drift gauges refresh period")
-    store_images: bool = Field(default=True, description="Keep base64 images in predictions")
+    store_images: ImageStore = Field(
+        default=ImageStore.DB,
+        description="where uploads are kept: db (base64 in the predictions row, with the "
+        "heatmaps), central_storage (objects under images/<model>/<yyyy-mm-dd>/ written by the "
+        "spool flusher, the row referencing them), none; true/false still mean db/none",
+    )
     property_buffer_mb: float = Field(
         default=64.0,
         ge=0,
@@ -78,6 +84,16 @@ class ServiceSettings(BaseSettings):
         description="fsync each spool commit (survives power loss); false: a commit survives "
         "the worker being killed but not the machine losing power, and answers sooner",
     )
+
+    @field_validator("store_images", mode="before")
+    @classmethod
+    def _legacy_store_images(cls, value: object) -> object:
+        return ImageStore.parse(value)
+
+    @property
+    def keeps_images(self) -> bool:
+        """Whether a prediction record carries its images (to the DB or central storage)."""
+        return self.store_images is not ImageStore.NONE
 
     @property
     def service_dir(self) -> Path:

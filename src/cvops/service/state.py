@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
+from cvops.records.images import ImageStore
 from cvops.records.schema import latest_drift_cause, latest_drift_rows
 from cvops.service.batching import MicroBatcher
 from cvops.service.metrics import ServiceMetrics
@@ -82,6 +83,9 @@ class ServiceState:
             fsync=settings.spool_fsync,
             on_dead_letter=lambda kind: self.metrics.dead_letters.labels(kind).inc(),
             input_buffer_bytes=int(settings.property_buffer_mb * 1024 * 1024),
+            image_storage=(
+                self.storage if settings.store_images is ImageStore.CENTRAL_STORAGE else None
+            ),
         )
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
