@@ -44,6 +44,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one BLAS thread: far faster on shared cores
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
@@ -51,6 +52,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 from collections import Counter  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -190,8 +192,68 @@ def train_package(args: argparse.Namespace) -> tuple[CentralStorage, str]:
         created_on=utc_now(),
     )
     storage.publish(files, meta)
+    (work / TRAIN_RECORD).write_text(json.dumps(train_settings(cfg), indent=1), encoding="utf-8")
     keras.backend.clear_session()
     return storage, metadata_file
+
+
+TRAIN_RECORD = "package_train_settings.json"
+TIMINGS = "timings.json"
+
+
+def train_settings(cfg: object) -> dict[str, object]:
+    """The training settings that decide the model (the schedule, early stopping, augmentation)."""
+    train = cfg.train  # type: ignore[attr-defined]
+    return train.model_dump(mode="json", include={"hparams", "augmentation", "early_stopping",
+                                                  "lr_schedule", "class_weight"})  # fmt: skip
+
+
+def current_train_settings(args: argparse.Namespace) -> dict[str, object]:
+    import yaml
+
+    from cvops.config import FlowConfig
+
+    raw = yaml.safe_load((ROOT / "configs" / "train_flow.yaml").read_text(encoding="utf-8"))
+    raw["train"]["hparams"]["epochs"] = args.epochs
+    return train_settings(FlowConfig.model_validate(raw))
+
+
+def training_note(work: Path, args: argparse.Namespace) -> str:
+    """Whether the cached package was trained with today's shipped training settings."""
+    record = work / TRAIN_RECORD
+    if not record.exists():
+        return (
+            "training settings not recorded (a package from before the benchmark recorded "
+            "them; delete --work's central_storage to retrain)"
+        )
+    used, now = json.loads(record.read_text(encoding="utf-8")), current_train_settings(args)
+    changed = [k for k in now if used.get(k) != now[k]]
+    if not changed:
+        return "trained with the current shipped training settings"
+    return "trained with older training settings (" + ", ".join(changed) + " changed since)"
+
+
+def record_timing(work: Path, cache: Path, seconds: float) -> None:
+    path = work / TIMINGS
+    timings = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    timings[cache.name] = round(seconds)
+    path.write_text(json.dumps(timings, indent=1), encoding="utf-8")
+
+
+def timing_note(work: Path, args: argparse.Namespace, meta: ModelMetadata) -> str:
+    """How long building the cached windows took, when they come from the cache."""
+    path = work / TIMINGS
+    timings = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    tag = model_tag(meta)
+    names = [f"windows_seed{args.seed}_{args.n}x{args.windows}_{tag}.npz"]
+    if args.null_windows and args.null_windows > args.windows:
+        names.append(f"null_seed{args.seed}_{args.n}x{args.null_windows}_{tag}.npz")
+    if not all((work / name).exists() for name in names):
+        return ""
+    built = [f"{timings[n] / 60:.0f} min" for n in names if n in timings]
+    if not built:
+        return " (windows from the cache)"
+    return f" (windows from the cache, built in {' + '.join(built)} on 2 shared cores)"
 
 
 # --------------------------------------------------------------------------- fresh windows
@@ -208,49 +270,30 @@ class Pool:
     source: np.ndarray
 
 
-def build_pools(
-    args: argparse.Namespace, storage: CentralStorage, meta: ModelMetadata
-) -> dict[str, Pool]:
-    """Render, shift, predict and measure every image once; cached in ``--work``."""
-    work = Path(args.work)
-    per_class = math.ceil(args.windows * args.n / len(meta.classes))
-    cache = work / f"windows_seed{args.seed}_{args.n}x{args.windows}.npz"
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as npz:
-            groups = sorted({k.rsplit("/", 1)[0] for k in npz.files})
-            return {
-                g: Pool(*(npz[f"{g}/{f}"] for f in ("probs", "hidden", "props", "source")))
-                for g in groups
-            }
+def model_tag(meta: ModelMetadata) -> str:
+    """The packaged model's hash prefix: window caches hold its outputs, so a retrained model
+    never reuses another model's arrays."""
+    return (meta.sha256 or {}).get("model_path", "unhashed")[:8]
+
+
+def measurer(
+    storage: CentralStorage, meta: ModelMetadata
+) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """paths -> (softmax, hidden features, properties): what the service computes per upload,
+    the BBSD output (the package's bbsd model is this layer of the classifier, `build_bbsd`)
+    and the hidden features in one batched pass, the properties by `input_properties`."""
     import keras
     import tensorflow as tf
 
-    from cvops.data.demo import generate_demo_dataset
     from cvops.data.properties import image_size, input_properties
-    from cvops.data.shift import generate_shift_scenarios
     from cvops.model.pipeline import make_dataset
 
-    t0 = time.perf_counter()
-    data_dir, scen_dir = work / f"fresh_seed{args.seed}", work / f"scenarios_seed{args.seed}"
-    csv = generate_demo_dataset(
-        data_dir, n_train_per_class=0, n_test_per_class=per_class, seed=args.seed
-    )
-    generate_shift_scenarios(
-        data_dir / "test", scen_dir, annotations=csv, seed=args.seed, severities=SEVERITIES
-    )
-    log.info("rendered %d source images and their shifts in %.0f s", per_class * 10,
-             time.perf_counter() - t0)  # fmt: skip
     model = keras.models.load_model(storage.resolve(meta.model_path), compile=False)
     drift = meta.drift_detection
-    # one pass for what the service computes per upload: the BBSD output (the package's bbsd
-    # model is this layer of the classifier, `build_bbsd`) and the hidden features
     bbsd_out = model.layers[drift.bbsd_layer_idx].output
     hidden_out = model.get_layer(drift.hidden_layer).output
     both = keras.Model(model.input, [bbsd_out, hidden_out])
     size = (meta.input_size.h, meta.input_size.w)
-    manifest = pd.read_csv(scen_dir / "manifest.csv", keep_default_na=False)
-    arrays: dict[str, np.ndarray] = {}
-    t0 = time.perf_counter()
     step = tf.function(lambda x: both(x, training=False), reduce_retracing=True)
 
     def measure(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -265,6 +308,75 @@ def build_pools(
                 measured = input_properties(image, w, hgt)
                 props.append([measured[name] for name in IMAGE_PROPERTIES])
         return np.concatenate(probs), np.concatenate(hidden), np.asarray(props, np.float64)
+
+    return measure
+
+
+def build_null_pool(args: argparse.Namespace, storage: CentralStorage, meta: ModelMetadata) -> Pool:
+    """Un-shifted images only, enough for ``--null-windows`` disjoint windows: the demo test
+    split of ``--seed`` rendered larger (the scenario pools' un-shifted images are its first
+    ``--windows`` x ``--n``: same seed, same image per index); cached in ``--work``."""
+    from cvops.data.demo import generate_demo_dataset
+
+    work = Path(args.work)
+    per_class = math.ceil(args.null_windows * args.n / len(meta.classes))
+    cache = work / f"null_seed{args.seed}_{args.n}x{args.null_windows}_{model_tag(meta)}.npz"
+    if not cache.exists():
+        started = t0 = time.perf_counter()
+        data_dir = work / f"fresh_null_seed{args.seed}"
+        csv = generate_demo_dataset(
+            data_dir, n_train_per_class=0, n_test_per_class=per_class, seed=args.seed
+        )
+        paths = [str(data_dir / p) for p in pd.read_csv(csv)["path"]]
+        log.info("rendered %d un-shifted images in %.0f s", len(paths), time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        probs, hidden, props = measurer(storage, meta)(paths)
+        log.info("predicted and measured them in %.0f s", time.perf_counter() - t0)
+        record_timing(work, cache, time.perf_counter() - started)
+        np.savez_compressed(
+            cache,
+            probs=probs.astype(np.float32),
+            hidden=hidden.astype(np.float32),
+            props=props,
+            source=np.asarray([Path(p).name for p in paths]),
+        )
+        if not args.keep_images:
+            shutil.rmtree(data_dir)
+    with np.load(cache, allow_pickle=False) as npz:
+        return Pool(npz["probs"], npz["hidden"], npz["props"], npz["source"])
+
+
+def build_pools(
+    args: argparse.Namespace, storage: CentralStorage, meta: ModelMetadata
+) -> dict[str, Pool]:
+    """Render, shift, predict and measure every image once; cached in ``--work``."""
+    work = Path(args.work)
+    per_class = math.ceil(args.windows * args.n / len(meta.classes))
+    cache = work / f"windows_seed{args.seed}_{args.n}x{args.windows}_{model_tag(meta)}.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as npz:
+            groups = sorted({k.rsplit("/", 1)[0] for k in npz.files})
+            return {
+                g: Pool(*(npz[f"{g}/{f}"] for f in ("probs", "hidden", "props", "source")))
+                for g in groups
+            }
+    from cvops.data.demo import generate_demo_dataset
+    from cvops.data.shift import generate_shift_scenarios
+
+    started = t0 = time.perf_counter()
+    data_dir, scen_dir = work / f"fresh_seed{args.seed}", work / f"scenarios_seed{args.seed}"
+    csv = generate_demo_dataset(
+        data_dir, n_train_per_class=0, n_test_per_class=per_class, seed=args.seed
+    )
+    generate_shift_scenarios(
+        data_dir / "test", scen_dir, annotations=csv, seed=args.seed, severities=SEVERITIES
+    )
+    log.info("rendered %d source images and their shifts in %.0f s", per_class * 10,
+             time.perf_counter() - t0)  # fmt: skip
+    measure = measurer(storage, meta)
+    manifest = pd.read_csv(scen_dir / "manifest.csv", keep_default_na=False)
+    arrays: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
 
     # the un-shifted images first: every unchanged copy in a scenario (class prior, the kept
     # images of background and unseen class) is the same bytes, so it reuses their row
@@ -296,6 +408,7 @@ def build_pools(
     log.info("predicted and measured %d images in %.0f s", predicted,
              time.perf_counter() - t0)  # fmt: skip
     np.savez_compressed(cache, **arrays)
+    record_timing(work, cache, time.perf_counter() - started)
     if not args.keep_images:
         shutil.rmtree(data_dir)
         shutil.rmtree(scen_dir)
@@ -368,7 +481,8 @@ def evaluate(
     outcomes = []
     for group in sorted(pools, key=_group_order):
         t0 = time.perf_counter()
-        for w, idx in enumerate(window_indices(pools[group], group, args.n, args.windows)):
+        windows = args.null_windows if group == BASELINE else args.windows
+        for w, idx in enumerate(window_indices(pools[group], group, args.n, windows)):
             report = explain_window(pools[group], idx, reference, extras, meta, seed=w)
             outcomes.append(
                 Outcome(
@@ -451,16 +565,20 @@ def report(
     null = [o for o in outcomes if o.group == BASELINE]
     null_hits = sum(o.named == NO_SINGLE_CAUSE for o in null)
     accuracy = meta.metrics.get("test_accuracy", math.nan)
+    null_flag = f"--null-windows {args.null_windows} " if args.null_windows != args.windows else ""
+    null_text = f" ({args.null_windows} un-shifted)" if null_flag else ""
+    null_lo, null_hi = wilson(null_hits, len(null))
     lines = [
         "# Drift causes: is the injected cause ranked first?",
         "",
         f"Generated by `benchmarks/drift_cause.py --seed {args.seed} --windows {args.windows} "
-        f"--n {args.n}` in {seconds / 60:.0f} min{args.timing}. Model: the shipped train "
-        "config's small_cnn, "
+        f"{null_flag}--n {args.n}` in {seconds / 60:.0f} min{args.timing}. Model: the shipped "
+        "train config's small_cnn, "
         f"{args.epochs} epochs on {args.train_per_class} demo images per class (seed "
-        f"{args.train_seed}), packaged by the training code (test accuracy {accuracy:.3f}); "
-        f"reference = its {reference_rows} training images. Windows: "
-        f"{args.windows} of n = {args.n} per scenario and severity, newly rendered images "
+        f"{args.train_seed}), packaged by the training code (test accuracy {accuracy:.3f}; "
+        f"{args.training}); reference = its {reference_rows} training images. Windows: "
+        f"{args.windows} of n = {args.n} per scenario and severity{null_text}, newly rendered "
+        "images "
         f"(seed {args.seed}, shifted by `cvops.data.shift`), disjoint within a scenario (class "
         "prior: distinct source images within a window). Every window goes through the "
         "monitor's own `explain_check` (alpha 0.05, Bonferroni over the properties and the "
@@ -473,7 +591,8 @@ def report(
         f"Targets (issue 16): the injected cause first in >= 90% of windows for brightness, "
         f"contrast, blur, noise and class prior at medium severity: {target_hits}/{len(target)}"
         f" = {target_hits / max(1, len(target)):.1%}; un-shifted windows named 'no single "
-        f"cause' in >= 95%: {null_hits}/{len(null)} = {null_hits / max(1, len(null)):.1%}.",
+        f"cause' in >= 95%: {null_hits}/{len(null)} = {null_hits / max(1, len(null)):.1%} "
+        f"[95% CI {null_lo:.1%}, {null_hi:.1%}].",
         "",
         "## Misses",
         "",
@@ -508,6 +627,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/drift-cause")
     ap.add_argument("--seed", type=int, default=8, help="fresh images (7 was used for tuning)")
     ap.add_argument("--windows", type=int, default=50)
+    ap.add_argument(
+        "--null-windows",
+        type=int,
+        default=None,
+        help="un-shifted windows (default: --windows); more pin the 'no single cause' rate, "
+        "from a separate, larger rendering of the same seed's un-shifted images",
+    )
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--train-seed", type=int, default=42)
     ap.add_argument("--train-per-class", type=int, default=250)
@@ -521,10 +647,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     storage, metadata_file = train_package(args)
     meta = storage.load_metadata(metadata_file)
-    cached = (Path(args.work) / f"windows_seed{args.seed}_{args.n}x{args.windows}.npz").exists()
-    args.timing = " (windows from the cache: the first run of this seed, with the model already "
-    args.timing += "trained, took 20 min on 2 shared cores)" if cached else ""
+    args.timing = timing_note(Path(args.work), args, meta)
+    args.training = training_note(Path(args.work), args)
     pools = build_pools(args, storage, meta)
+    if args.null_windows is None:
+        args.null_windows = args.windows
+    elif args.null_windows > len(pools[BASELINE].source) // args.n:
+        pools[BASELINE] = build_null_pool(args, storage, meta)
     outcomes = evaluate(pools, storage, meta, args)
     rows = len(load_reference(storage, meta)["bbsd"])
     text = report(outcomes, args, meta, time.perf_counter() - t0, rows)
