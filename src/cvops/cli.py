@@ -84,8 +84,9 @@ def serve(
 ) -> None:
     """Start the model service (gunicorn + uvicorn workers) on the packaged model.
 
-    The model is --model, else the config's deploy.model_metadata_file_name or
-    <model_name>.yaml, else the last model deployed to this service, else the newest one.
+    The model is the one this service's replicas serve (the desired model in the prediction
+    DB, shared by every host); on the first start, --model, else the config's
+    deploy.model_metadata_file_name or <model_name>.yaml, else the newest one.
     Settings come from CVOPS_SERVICE_* variables or .env: CVOPS_SERVICE_ADMIN_TOKEN (bearer
     token for PUT /update_model), CVOPS_SERVICE_DB_URL (default SQLite under .cvops/service),
     CVOPS_SERVICE_BATCH_MAX_SIZE, CVOPS_SERVICE_BATCH_MAX_WAIT_MS, CVOPS_SERVICE_MAX_BODY_BYTES.

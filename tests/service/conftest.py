@@ -18,12 +18,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
 
 from cvops.config import DriftDetectionConfig, InputSize
 from cvops.model.build import build_model
 from cvops.model.drift import build_bbsd, build_uae, reference_frame
 from cvops.model.train import save_package
+from cvops.records.schema import make_engine
 from cvops.service.app import create_app
+from cvops.service.replicas import ModelState, ReplicaRow
 from cvops.service.settings import ServiceSettings
 from cvops.storage import CentralStorage, ModelMetadata, utc_now
 from tests.pg import PostgresCluster
@@ -117,7 +120,10 @@ class ServiceProcess:
     ) -> None:
         self.port = free_port()
         self.workers = workers
-        self.workers_dir = tmp / "state" / "service" / "workers"
+        self.db_url = env.get("CVOPS_SERVICE_DB_URL") or (
+            f"sqlite:///{tmp / 'state' / 'service' / 'service.db'}"
+        )
+        self.host = env.get("CVOPS_SERVICE_REPLICA_HOST") or socket.gethostname()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "serve.log"
         self.env = {
@@ -159,13 +165,17 @@ class ServiceProcess:
                 answered = False
             # one worker answering is not all of them: wait until each has registered, so
             # tests that count workers (PUT /update_model) do not race a worker still booting
-            if answered and len(list(self.workers_dir.glob("[0-9]*"))) >= self.workers:
+            if answered and len(self.replicas()) >= self.workers:
                 return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.5)
         self.__exit__()
         raise RuntimeError("service did not start:\n" + self.log_path.read_text()[-3000:])
+
+    def replicas(self) -> list[ReplicaRow]:
+        """This service's live replicas (worker processes) as its database records them."""
+        return live_replicas(self.db_url, host=self.host)
 
     def __exit__(self, *exc: object) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -176,6 +186,20 @@ class ServiceProcess:
             raise
         finally:
             self._log.close()
+
+
+def live_replicas(
+    db_url: str, host: str | None = None, deployment: str = "default", lapse_s: float = 6.0
+) -> list[ReplicaRow]:
+    """Live replica rows of a deployment (of one host when given); none before the schema."""
+    engine = make_engine(db_url)
+    try:
+        rows = ModelState(engine, deployment, "test").live(lapse_s)
+    except SQLAlchemyError:
+        return []
+    finally:
+        engine.dispose()
+    return [row for row in rows if host is None or row.host == host]
 
 
 @pytest.fixture()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import socket
 import time
 
 import numpy as np
@@ -45,6 +47,8 @@ def test_health_and_ready(client) -> None:
         "metadata_file": "shapes_a.yaml",
         "mlflow_run_id": None,
         "instance_id": None,
+        "replica": f"{socket.gethostname()}:{os.getpid()}",
+        "generation": 1,
     }
     assert client.get("/ready").status_code == 200
 

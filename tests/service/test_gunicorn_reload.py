@@ -93,10 +93,6 @@ def test_first_model_reaches_every_worker_of_a_service_started_empty(tmp_path: P
     storage = tmp_path / "storage"
     (storage / "models").mkdir(parents=True)
     with ServiceProcess(storage, tmp_path, workers=2, model=None) as service:
-        workers_dir = tmp_path / "state" / "service" / "workers"
-        deadline = time.monotonic() + 120
-        while len(list(workers_dir.glob("[0-9]*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
         assert httpx.get(f"{service.base}/ready", timeout=5).status_code == 503
         package(storage, "shapes_a", "1", seed=1)
         r = httpx.put(

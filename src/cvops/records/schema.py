@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -19,10 +20,12 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     create_engine,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
@@ -167,6 +170,39 @@ class LabellingTask(Base):
     dataset_path: Mapped[str | None] = mapped_column(Text)
 
 
+class DesiredModel(Base):
+    """The model every replica of a deployment should serve; `generation` rises by one with
+    each publish (`cvops.service.replicas`), so a replica knows whether it is behind."""
+
+    __tablename__ = "model_state"
+
+    deployment: Mapped[str] = mapped_column(String(100), primary_key=True)
+    metadata_file: Mapped[str] = mapped_column(String(255))
+    generation: Mapped[int] = mapped_column(Integer)
+    updated_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_by: Mapped[str] = mapped_column(String(255))
+
+
+class Replica(Base):
+    """One serving process (`<host>:<pid>`): the generation it settled on (ok, or why it could
+    not load it), what it serves, and its heartbeat (a lapsed one no longer counts)."""
+
+    __tablename__ = "replicas"
+    __table_args__ = (Index("ix_replicas_deployment_heartbeat", "deployment", "heartbeat"),)
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    deployment: Mapped[str] = mapped_column(String(100))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    detail: Mapped[str | None] = mapped_column(Text)
+    metadata_file: Mapped[str | None] = mapped_column(String(255))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    heartbeat: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    started_on: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
 def private_file(path: Path) -> None:
     """Create `path` (if missing) readable by its owner only: these files hold uploads."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -185,11 +221,21 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, connect_args=args)
 
 
+# any constant: the key of the Postgres advisory lock that serialises migrations
+MIGRATION_LOCK = 0x63766F7073
+# Alembic's `context` is process-global: two threads migrating at once break each other
+_migrating = threading.Lock()
+
+
 def upgrade_schema(engine: Engine) -> None:
-    """Create or migrate the tables (idempotent; safe to call from every worker)."""
+    """Create or migrate the tables (idempotent; safe to call from every worker). On Postgres
+    under an advisory lock: replicas on several hosts start together against one database, and
+    two concurrent CREATE TABLEs would fail one of them."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
+    with _migrating, engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 

@@ -29,7 +29,12 @@ from cvops.service.schemas import (
     PredictResponse,
     UpdateModelResponse,
 )
-from cvops.service.state import InferenceItem, InferenceResult, ServiceState
+from cvops.service.state import (
+    InferenceItem,
+    InferenceResult,
+    ModelStateUnavailable,
+    ServiceState,
+)
 
 router = APIRouter()
 T = TypeVar("T")
@@ -72,14 +77,19 @@ async def health_check(state: State) -> Health:
         metadata_file=model.metadata_file if model else None,
         mlflow_run_id=model.run_id if model else None,
         instance_id=state.settings.instance_id,
+        replica=state.replica_id,
+        generation=state.generation,
     )
 
 
 @router.get("/ready", response_model=Health, responses=ERRORS, tags=["health"])
 async def ready(state: State) -> Health:
-    """Readiness: 200 once a model is loaded, 503 before."""
-    if state.model is None:
-        raise HTTPException(503, "no model loaded yet")
+    """Readiness: 200 once the deployment's model is loaded; 503 with the reason before, and
+    when this replica cannot load the model the others serve (it still answers /predict with
+    its old one, but a load balancer should take it out)."""
+    reason = state.not_ready_reason()
+    if reason is not None:
+        raise HTTPException(503, reason)
     return await health_check(state)
 
 
@@ -234,11 +244,16 @@ async def update_model(
     state: State,
 ) -> UpdateModelResponse:
     """Serve another packaged model (a metadata file in central storage `models/`) in every
-    worker. Returns once all workers serve it; a failed load keeps the old model."""
+    replica of the deployment, on every host. Loaded here first (a failed load keeps the old
+    model everywhere), then returns once every live replica serves it, or names those that do
+    not within the wait (`replicas_pending`, `replicas_failed`). 503 when the model state
+    database is unreachable: nothing changes then."""
     try:
         result = await state.update_model(metadata_file)
     except ModelLoadError as err:
         raise HTTPException(err.status, err.reason) from None
+    except ModelStateUnavailable as err:
+        raise HTTPException(503, str(err)) from None
     return UpdateModelResponse(message="Success", **result)  # type: ignore[arg-type]
 
 

@@ -33,9 +33,12 @@ class UpdateModelResponse(BaseModel):
     metadata_file: str
     mlflow_run_id: str | None = Field(None, description="MLflow run of the loaded model")
     generation: int
-    workers: int
-    workers_pending: list[int]
-    workers_failed: dict[int, str]
+    workers: int = Field(description="live replicas (worker processes on every host)")
+    workers_pending: list[int] = Field(description="pids of replicas not serving it in time")
+    workers_failed: dict[int, str] = Field(description="pid: why that replica cannot load it")
+    replicas: list[str] = Field([], description="ids (`<host>:<pid>`) of the live replicas")
+    replicas_pending: list[str] = Field([], description="ids of those not serving it in time")
+    replicas_failed: dict[str, str] = Field({}, description="id: why it cannot load it")
 
 
 class Health(BaseModel):
@@ -48,6 +51,8 @@ class Health(BaseModel):
     instance_id: str | None = Field(
         None, description="which cvops background service this is (None: not one)"
     )
+    replica: str | None = Field(None, description="this process's replica id `<host>:<pid>`")
+    generation: int | None = Field(None, description="generation of the model state served")
 
 
 class ErrorResponse(BaseModel):

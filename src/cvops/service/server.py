@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from sqlalchemy.exc import SQLAlchemyError
 
+from cvops.records.schema import make_engine, upgrade_schema
+from cvops.service.replicas import ModelState
 from cvops.service.settings import ServiceSettings
-from cvops.service.sync import ModelSync
 from cvops.storage import SERVED_ARTIFACTS, open_storage
 
 log = logging.getLogger(__name__)
@@ -45,18 +47,41 @@ class ServiceServer(BaseApplication):  # type: ignore[misc]
 
 
 def prepare(settings: ServiceSettings, metadata_file: str | None) -> str | None:
-    """Shared state before forking: metrics folder, and the model every worker starts on."""
+    """Shared state before forking: metrics folder, schema, and the model the workers start on:
+    the deployment's desired model in the database; when it has none yet, `metadata_file` or
+    the newest package, published as the desired one. With the database down, that fallback
+    (the workers catch up when it answers)."""
     metrics_dir = settings.service_dir / "prometheus"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    sync = ModelSync(settings.model_pointer)
-    current = sync.read()
-    chosen = metadata_file or (current.metadata_file if current else None)
     storage = open_storage(settings)
-    chosen = chosen or storage.newest_metadata_file()
-    if chosen and (current is None or current.metadata_file != chosen):
-        sync.publish(chosen)
+    candidate = metadata_file or settings.metadata_file
+    engine = make_engine(settings.resolved_db_url)
+    try:
+        upgrade_schema(engine)  # once here, not raced by the workers
+        state = ModelState(engine, settings.deployment, settings.replica_host)
+        desired = state.desired()
+        if desired is None:
+            candidate = candidate or storage.newest_metadata_file()
+            desired = state.seed(candidate) if candidate else None
+        elif candidate and candidate != desired.metadata_file:
+            log.warning(
+                "Starting on %s, the model this deployment (%s) serves, not %s: "
+                "PUT /update_model/%s to change it for every replica",
+                desired.metadata_file,
+                settings.deployment,
+                candidate,
+                candidate,
+            )
+        chosen = desired.metadata_file if desired else None
+    except SQLAlchemyError as err:
+        chosen = candidate or storage.newest_metadata_file()
+        log.warning(
+            "Model state DB unreachable (%s): starting on %s", err, chosen or "no model yet"
+        )
+    finally:
+        engine.dispose()
     if chosen and storage.remote:
         # Download once here, before the workers start together on an empty cache
         try:
@@ -123,6 +148,8 @@ def serve(
     if settings.tf_threads is None:  # share the cores out, else every worker takes them all
         settings = settings.model_copy(update={"tf_threads": max(1, usable_cores() // workers)})
     chosen = prepare(settings, metadata_file)
+    # the workers' start-up model when they cannot reach the database
+    settings = settings.model_copy(update={"metadata_file": chosen})
     log.info(
         "Serving %s on http://%s:%d with %d workers of %d TensorFlow threads",
         chosen or "no model yet",

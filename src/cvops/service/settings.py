@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -64,7 +65,41 @@ class ServiceSettings(BaseSettings):
         description="how long a lone request waits for company; 0: never (a batch is whatever "
         "queued while the model was busy, so batches grow with load and cost nothing at rest)",
     )
-    reload_poll_s: float = Field(default=0.25, gt=0)
+    reload_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="how often a replica reads the desired model from the prediction DB "
+        "(one primary-key SELECT; docs/scaling.md has its cost and the propagation times)",
+    )
+    deployment: str = Field(
+        default="default",
+        min_length=1,
+        max_length=100,
+        description="the replicas that serve one model together (every host of one service); "
+        "another name on the same database follows its own model",
+    )
+    replica_host: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=200,
+        description="host part of this process's replica id `<host>:<pid>` (the pod name on "
+        "Kubernetes); set it when several simulated hosts share one machine",
+    )
+    heartbeat_s: float = Field(default=2.0, gt=0, description="replica heartbeat period")
+    heartbeat_lapse_s: float = Field(
+        default=6.0,
+        gt=0,
+        description="a replica silent for longer no longer counts (PUT /update_model stops "
+        "waiting for it)",
+    )
+    replica_prune_s: float = Field(
+        default=3600.0, gt=0, description="rows of replicas silent for longer are deleted"
+    )
+    update_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long PUT /update_model waits for every live replica to serve the model",
+    )
     drift_refresh_s: float = Field(default=30.0, gt=0, description="drift gauges refresh period")
     store_images: ImageStore = Field(
         default=ImageStore.DB,
@@ -106,8 +141,3 @@ class ServiceSettings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.service_dir / "spool"
-
-    @property
-    def model_pointer(self) -> Path:
-        """The file every worker watches: which metadata file is the current model."""
-        return self.service_dir / "current_model"

@@ -6,24 +6,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from cvops.records.images import ImageStore
-from cvops.records.schema import latest_drift_cause, latest_drift_rows
+from cvops.records.schema import latest_drift_cause, latest_drift_rows, upgrade_schema
 from cvops.service.batching import MicroBatcher
 from cvops.service.metrics import ServiceMetrics
 from cvops.service.model_store import LoadedModel, ModelLoadError, load_model
-from cvops.service.recording import Recorder
+from cvops.service.recording import Recorder, refusal_reason
+from cvops.service.replicas import Desired, ModelState, ReplicaReport, ReplicaRow
 from cvops.service.settings import ServiceSettings
-from cvops.service.sync import ModelSync
 from cvops.storage import open_storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,33 @@ def run_batch(items: Sequence[InferenceItem]) -> list[InferenceResult]:
     return results  # type: ignore[return-value]
 
 
+class ModelStateUnavailable(RuntimeError):
+    """The model-state database cannot be reached: a model swap would reach only this replica,
+    so none is made."""
+
+
 class ServiceState:
+    """One replica (a worker process) of a deployment.
+
+    Start-up model: the deployment's desired model in the prediction database; when it has none
+    yet, `settings.metadata_file` or the newest package, published as the desired one. With the
+    database down the replica still starts and serves that fallback model; the watcher follows
+    (or publishes) the desired model once the database answers. While the database is down
+    every replica keeps serving its model and answering; only `PUT /update_model` is refused.
+    """
+
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.storage = open_storage(settings)
         self.metrics = ServiceMetrics()
-        self.sync = ModelSync(settings.model_pointer)
         self.model: LoadedModel | None = None
         self.generation = 0
+        self.load_error: str | None = None  # why the desired generation is not served
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.loader_executor = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
+        # database calls of the model-state protocol, off the event loop and never queued
+        # behind a model load
+        self.state_executor = ThreadPoolExecutor(1, thread_name_prefix="model-state")
         self.batcher: MicroBatcher[InferenceItem, InferenceResult] = MicroBatcher(
             run_batch,
             self.inference_executor,
@@ -87,35 +106,101 @@ class ServiceState:
                 self.storage if settings.store_images is ImageStore.CENTRAL_STORAGE else None
             ),
         )
-        self._watcher: asyncio.Task[None] | None = None
+        self.replicas = ModelState(self.recorder.engine, settings.deployment, settings.replica_host)
+        self._schema_ready = False
+        self._db_reachable = True
+        self._next_prune = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
+
+    @property
+    def replica_id(self) -> str:
+        return self.replicas.replica_id
+
+    def not_ready_reason(self) -> str | None:
+        """Why a load balancer should not send requests here (None: ready)."""
+        if self.load_error is not None:
+            serving = self.model.metadata_file if self.model else "no model"
+            return f"{self.load_error} (still serving {serving})"
+        if self.model is None:
+            return "no model loaded yet"
+        return None
 
     async def start(self) -> None:
         self.batcher.start()
         self.recorder.start()
-        pointer = self.sync.read()
-        if pointer is None:
-            first = self.settings.metadata_file or self.storage.newest_metadata_file()
-            if first is None:
-                log.warning("No model in %s/models yet: not ready", self.storage.url)
-                # Still count as a live worker, so the first PUT waits for this one too.
-                self.sync.ack(0, ok=True, detail="no model yet")
-            else:
-                pointer = self.sync.publish(first)
-        if pointer is not None:
-            await self._follow(pointer.generation, pointer.metadata_file)
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="model-watch")
+        try:
+            desired = await self._db(self._desired_or_seed, self._startup_choice())
+        except Exception as err:  # noqa: BLE001 - whatever the database did, serve
+            log.debug("model state at start", exc_info=True)
+            self._db_down(err)
+            fallback = self._startup_choice()
+            if fallback is not None:
+                await self._load_unpublished(fallback)
+        else:
+            if desired is not None:
+                await self._follow(desired.generation, desired.metadata_file)
+        if self.model is None and self.load_error is None:
+            log.warning("No model in %s/models yet: not ready", self.storage.url)
+        # Registered now, so that the first PUT waits for this replica too.
+        await self._beat()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._watch(), name="model-watch"),
+            loop.create_task(self._heartbeat(), name="replica-heartbeat"),
+        ]
 
     async def close(self) -> None:
-        if self._watcher:
-            self._watcher.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+                await task
         await self.batcher.stop()
-        self.sync.leave()
+        try:
+            await self._db(self.replicas.leave)
+        except SQLAlchemyError as err:  # its heartbeat lapses instead
+            log.debug("replica row not removed: %s", err)
         await asyncio.get_running_loop().run_in_executor(None, self.recorder.stop)
         self.inference_executor.shutdown(wait=False)
         self.loader_executor.shutdown(wait=False)
+        self.state_executor.shutdown(wait=False)
+
+    def _startup_choice(self) -> str | None:
+        return self.settings.metadata_file or self.storage.newest_metadata_file()
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.state_executor, fn, *args)
+
+    def _ensure_schema(self) -> None:
+        if not self._schema_ready:
+            upgrade_schema(self.recorder.engine)
+            self._schema_ready = True
+
+    def _desired_or_seed(self, candidate: str | None) -> Desired | None:
+        """The desired model; when there is none yet, `candidate` becomes it."""
+        self._ensure_schema()
+        desired = self.replicas.desired()
+        if desired is None and candidate is not None:
+            desired = self.replicas.seed(candidate)
+        return desired
+
+    def _publish(self, metadata_file: str) -> Desired:
+        self._ensure_schema()
+        return self.replicas.publish(metadata_file)
+
+    def _db_down(self, err: BaseException) -> None:
+        if self._db_reachable:
+            log.warning(
+                "Model state DB unreachable (%s): serving %s until it answers",
+                refusal_reason(err),
+                self.model.metadata_file if self.model else "no model",
+            )
+        self._db_reachable = False
+
+    def _db_up(self) -> None:
+        if not self._db_reachable:
+            log.info("Model state DB reachable again")
+        self._db_reachable = True
 
     async def _load(self, metadata_file: str) -> LoadedModel:
         loop = asyncio.get_running_loop()
@@ -129,10 +214,20 @@ class ServiceState:
             self.metrics.model_info.labels(self.model.name, self.model.version).set(0)
         self.model = model
         self.generation = generation
+        self.load_error = None
         self.metrics.model_info.labels(model.name, model.version).set(1)
 
+    async def _load_unpublished(self, metadata_file: str) -> None:
+        """The start-up model while the database is down (generation 0: any desired
+        generation found later is followed)."""
+        async with self._reload_lock:
+            try:
+                self._swap(await self._load(metadata_file), 0)
+            except ModelLoadError as err:
+                log.error("Cannot load start-up model %s: %s", metadata_file, err.reason)
+
     async def _follow(self, generation: int, metadata_file: str) -> None:
-        """Load what the pointer says; on failure keep serving the old model."""
+        """Load the desired model; on failure keep serving the old one, but not ready."""
         async with self._reload_lock:
             if generation <= self.generation:
                 return
@@ -147,10 +242,47 @@ class ServiceState:
                     self.model.metadata_file if self.model else "no model",
                 )
                 self.generation = generation
-                self.sync.ack(generation, ok=False, detail=err.reason)
-                return
-            self._swap(model, generation)
-            self.sync.ack(generation, ok=True)
+                self.load_error = (
+                    f"cannot load the desired model {metadata_file} (generation {generation}): "
+                    f"{err.reason}"
+                )
+            else:
+                self._swap(model, generation)
+        await self._beat()
+
+    def _report(self) -> ReplicaReport:
+        model = self.model
+        return ReplicaReport(
+            generation=self.generation,
+            ok=self.load_error is None,
+            detail=self.load_error or (None if model else "no model yet"),
+            metadata_file=model.metadata_file if model else None,
+            model_version=model.version if model else None,
+        )
+
+    def _send_report(self, report: ReplicaReport) -> None:
+        self._ensure_schema()
+        self.replicas.report(report)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + 60
+            if pruned := self.replicas.prune(self.settings.replica_prune_s):
+                log.info("Deleted %d rows of replicas silent for long", pruned)
+
+    async def _beat(self) -> None:
+        try:
+            await self._db(self._send_report, self._report())
+        except SQLAlchemyError as err:
+            self._db_down(err)
+        else:
+            self._db_up()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self._beat()
+            except Exception:  # the heartbeat must outlive any single failure
+                log.exception("replica heartbeat error")
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,9 +290,15 @@ class ServiceState:
         while True:
             await asyncio.sleep(self.settings.reload_poll_s)
             try:
-                pointer = self.sync.read()
-                if pointer and pointer.generation > self.generation:
-                    await self._follow(pointer.generation, pointer.metadata_file)
+                candidate = self.model.metadata_file if self.model else None
+                try:
+                    desired = await self._db(self._desired_or_seed, candidate)
+                except SQLAlchemyError as err:
+                    self._db_down(err)
+                else:
+                    self._db_up()
+                    if desired is not None and desired.generation > self.generation:
+                        await self._follow(desired.generation, desired.metadata_file)
                 self.metrics.spool_pending.set(self.recorder.pending())
                 if self.model is not None and loop.time() >= next_drift_refresh:
                     next_drift_refresh = loop.time() + self.settings.drift_refresh_s
@@ -177,28 +315,48 @@ class ServiceState:
         except SQLAlchemyError as err:
             log.debug("drift gauges not refreshed: %s", err)
 
-    async def update_model(self, metadata_file: str, wait_s: float = 30.0) -> dict[str, object]:
-        """Load here first (a bad model changes nothing), then make every worker follow."""
+    async def update_model(
+        self, metadata_file: str, wait_s: float | None = None
+    ) -> dict[str, object]:
+        """Load here first (a bad model changes nothing), publish the next generation, then
+        wait until every live replica on any host serves it (or `wait_s` passed)."""
+        wait_s = self.settings.update_wait_s if wait_s is None else wait_s
         async with self._reload_lock:
             model = await self._load(metadata_file)  # raises ModelLoadError
-            pointer = self.sync.publish(metadata_file)
-            self._swap(model, pointer.generation)
-            self.sync.ack(pointer.generation, ok=True)
+            try:
+                desired = await self._db(self._publish, metadata_file)
+            except SQLAlchemyError as err:
+                self._db_down(err)
+                raise ModelStateUnavailable(
+                    f"the model state database is unreachable ({refusal_reason(err)}): no "
+                    "replica changed model; retry when it answers"
+                ) from None
+            self._swap(model, desired.generation)
+        await self._beat()
         deadline = time.monotonic() + wait_s
+        live: list[ReplicaRow] = []
+        known = False
         while True:
-            acks = self.sync.acks()
-            behind = [a.pid for a in acks if a.generation < pointer.generation]
-            if not behind or time.monotonic() > deadline:
+            try:
+                live = await self._db(self.replicas.live, self.settings.heartbeat_lapse_s)
+                known = True
+            except SQLAlchemyError as err:  # keep asking until the deadline
+                self._db_down(err)
+            behind = [r for r in live if r.generation < desired.generation]
+            if (known and not behind) or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.05)
-        failed = {a.pid: a.detail for a in acks if a.generation == pointer.generation and not a.ok}
+            await asyncio.sleep(0.1)
+        failed = [r for r in live if r.generation == desired.generation and not r.ok]
         return {
             "model_name": model.name,
             "model_version": model.version,
             "metadata_file": metadata_file,
             "mlflow_run_id": model.run_id,
-            "generation": pointer.generation,
-            "workers": len(acks),
-            "workers_pending": behind,
-            "workers_failed": failed,
+            "generation": desired.generation,
+            "workers": len(live),
+            "workers_pending": [r.pid for r in behind],
+            "workers_failed": {r.pid: r.detail or "" for r in failed},
+            "replicas": [r.id for r in live],
+            "replicas_pending": [r.id for r in behind],
+            "replicas_failed": {r.id: r.detail or "" for r in failed},
         }
