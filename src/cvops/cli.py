@@ -223,6 +223,54 @@ def drift_show(
         fail(f"no drift causes stored for {report_id or 'any run'}", code=1)
 
 
+spool_app = typer.Typer(help="The service's request-log spools.", no_args_is_help=True)
+app.add_typer(spool_app, name="spool")
+
+
+@spool_app.command("drain")
+def spool_drain(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A spool file (spool-*.db) or a folder of them (<state>/service/spool)"
+        ),
+    ],
+    db_url: Annotated[
+        str | None,
+        typer.Option(help="Prediction DB (default CVOPS_SERVICE_DB_URL, else this state's SQLite)"),
+    ] = None,
+) -> None:
+    """Write the records of spools left on a dead host's disk (or a replica's volume) into the
+    prediction DB, exactly once (re-running is harmless). Spools still held by a running
+    service are skipped: it flushes them itself. Uploads go where CVOPS_SERVICE_STORE_IMAGES
+    says, as in the service."""
+    from cvops.records.images import ImageStore
+    from cvops.service.recording import SpoolBusy, drain_spool
+    from cvops.service.settings import ServiceSettings
+    from cvops.storage import open_storage
+
+    bootstrap_env()
+    configure_logging()
+    settings = ServiceSettings()
+    url = db_url or settings.resolved_db_url
+    images = open_storage(settings) if settings.store_images is ImageStore.CENTRAL_STORAGE else None
+    files = sorted(path.glob("spool-*.db")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        fail(f"no spool file at {path}")
+    total = 0
+    for spool_file in files:
+        try:
+            moved = drain_spool(url, spool_file, images)
+        except SpoolBusy as err:
+            typer.echo(f"skipped: {err}")
+            continue
+        except Exception as err:  # noqa: BLE001 - the records stay in the spool
+            fail(f"{spool_file}: not drained, its records stay there ({err})")
+        total += moved
+        typer.echo(f"{spool_file}: {moved} records written")
+    typer.echo(f"{total} records written to the prediction DB")
+
+
 @app.command("background")
 def background_cmd(
     stop: Annotated[bool, typer.Option("--stop", help="Stop them (with their children)")] = False,

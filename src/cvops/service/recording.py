@@ -277,10 +277,14 @@ class Recorder:
         on_dead_letter: Callable[[str], None] | None = None,
         input_buffer_bytes: int = 64 * 1024 * 1024,
         image_storage: CentralStorage | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.engine = make_engine(db_url)
         self.spool_dir = spool_dir
-        self.spool = Spool(spool_dir / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.db", fsync)
+        # `spool`: one adopted from a process that is gone, to drain (see `drain_spool`)
+        self.spool = spool or Spool(
+            spool_dir / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.db", fsync
+        )
         self.batch_size = batch_size
         self.interval_s = interval_s
         self._stop = threading.Event()
@@ -487,6 +491,17 @@ class Recorder:
         self.spool.close()
         self.engine.dispose()
 
+    def drain(self) -> int:
+        """Write every record of this recorder's spool now, then close it (removed when
+        empty); the database errors of a flush propagate, and the records stay spooled."""
+        self._writes.put(None)
+        self._writer.join()
+        try:
+            return self._flush_spool(self.spool)
+        finally:
+            self.spool.close()
+            self.engine.dispose()
+
     def _flush_spool(self, spool: Spool) -> int:
         if not self._schema_ready:
             upgrade_schema(self.engine)
@@ -631,3 +646,18 @@ class Recorder:
                 self.spool.pending(),
             )
         self.db_available = False
+
+
+class SpoolBusy(RuntimeError):
+    """A live process still holds this spool (it flushes it itself)."""
+
+
+def drain_spool(db_url: str, path: Path, image_storage: CentralStorage | None = None) -> int:
+    """Move the records of a spool file left behind (a dead host's disk, a replica's volume)
+    into the database with the service's own flush: ids are client-generated and inserts skip
+    rows already there, so draining twice, or a spool partly flushed before its process died,
+    lands every record exactly once. Returns the records moved."""
+    spool = Spool.adopt(path)
+    if spool is None:
+        raise SpoolBusy(f"{path} is held by a running process, which flushes it itself")
+    return Recorder(db_url, path.parent, spool=spool, image_storage=image_storage).drain()
