@@ -178,7 +178,11 @@ class ServiceProcess:
         return live_replicas(self.db_url, host=self.host)
 
     def __exit__(self, *exc: object) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:  # a test killed it already
+            self._log.close()
+            return
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -40,6 +40,7 @@ MAIN_TEMPLATE = "nginx.conf.template"
 SITE_TEMPLATE = "default.conf.template"
 WEBUI_TEMPLATE = "webui.conf.template"
 USER_DIRECTIVE = "NGINX_USER_DIRECTIVE"  # set by write_config, never by the environment
+UPSTREAM = "SERVICE_UPSTREAM"  # host:port of the service, or several, comma-separated
 DEFAULTS: dict[str, str] = {
     "NGINX_LISTEN_HOST": "127.0.0.1",
     "NGINX_PROXY_CONNECT_TIMEOUT": "5s",
@@ -87,15 +88,19 @@ def render(text: str, variables: Mapping[str, str], name: str = "template") -> s
             f"{name}: missing variable(s) {', '.join(missing)}; set them in the environment "
             "or pass them explicitly"
         )
+    values = dict(variables)
     for key in names:
-        if key != USER_DIRECTIVE and (
-            not variables[key] or FORBIDDEN_CHARS.intersection(variables[key])
+        parts = values[key].split(",") if key == UPSTREAM else [values[key]]
+        if key != USER_DIRECTIVE and any(
+            not part or FORBIDDEN_CHARS.intersection(part) for part in parts
         ):
             raise NginxConfigError(
-                f"{name}: {key}={variables[key]!r} is empty or contains whitespace, quotes, "
+                f"{name}: {key}={values[key]!r} is empty or contains whitespace, quotes, "
                 "';', '{' or '}'"
             )
-    return template.substitute(variables)
+        if key == UPSTREAM:  # several replicas: one `server` line each
+            values[key] = ";\n    server ".join(parts)
+    return template.substitute(values)
 
 
 def nginx_size_bytes(size: str) -> int | None:
