@@ -84,7 +84,12 @@ def join(threads: list[threading.Thread]) -> None:
 
 
 def workers(service: ServiceProcess) -> list[int]:
-    return [int(p.name) for p in service.workers_dir.glob("[0-9]*")]
+    """Pids of the service's live workers (their replica rows; heartbeats resume within
+    seconds after a database outage)."""
+    deadline = time.monotonic() + 15
+    while not (pids := [r.pid for r in service.replicas()]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pids
 
 
 def test_every_200_has_its_row_exactly_once(
