@@ -4,15 +4,18 @@ database going away."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from cvops.records.schema import make_engine, upgrade_schema
+from cvops.service import state as state_module
 from cvops.service.app import create_app
 from cvops.service.replicas import ModelState, ReplicaReport
 from cvops.service.settings import ServiceSettings
@@ -94,25 +97,34 @@ def test_a_replica_that_does_not_follow_in_time_is_named(storage_root: Path, tmp
         ghost.engine.dispose()
 
 
-def test_an_unloadable_desired_model_makes_a_replica_unready(storage_root: Path, tmp_path: Path):
-    settings = replica_settings(storage_root, tmp_path, "host-a")
+def test_an_unloadable_desired_model_makes_a_replica_unready(
+    storage_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    storage = tmp_path / "storage"
+    shutil.copytree(storage_root, storage, ignore=shutil.ignore_patterns("_build"))
+    monkeypatch.setattr(state_module, "LOAD_RETRY_S", 0.5)
+    settings = replica_settings(storage, tmp_path, "host-a")
     with replica(settings) as a:
         assert a.get("/ready").status_code == 200
         engine = make_engine(settings.resolved_db_url)
         other = ModelState(engine, "default", "host-b", pid=2)
-        other.publish("missing_model.yaml")  # as another host's PUT would
+        other.publish("late_model.yaml")  # as another host's PUT would, before it is there
         assert wait_until(lambda: a.get("/ready").status_code == 503, timeout=20)
         detail = a.get("/ready").json()["detail"]
-        assert "cannot load the desired model missing_model.yaml" in detail
+        assert "cannot load the desired model late_model.yaml" in detail
         assert "still serving shapes_a.yaml" in detail
         assert version(a) == "1"  # still answers with its old model
         rows = {r.id: r for r in other.live(5.0)}
         mine = rows[a.get("/health_check").json()["replica"]]
-        assert not mine.ok and "missing_model.yaml" in (mine.detail or "")
-        # a later generation it can load makes it ready again
-        other.publish("shapes_b.yaml")
+        assert not mine.ok and "late_model.yaml" in (mine.detail or "")
+        # once the model can be loaded, the replica retries on its own and is ready again
+        shutil.copy(storage / "models" / "shapes_b.yaml", storage / "models" / "late_model.yaml")
         assert wait_until(lambda: a.get("/ready").status_code == 200, timeout=30)
         assert version(a) == "7"
+        assert {r.id: r for r in other.live(5.0)}[mine.id].ok
+        # and a later generation is followed as usual
+        other.publish("shapes_a.yaml")
+        assert wait_until(lambda: a.get("/health_check").json()["model_version"] == "1", 30)
         engine.dispose()
 
 

@@ -26,6 +26,7 @@ from cvops.storage import open_storage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LOAD_RETRY_S = 10.0  # a replica that could not load the desired model tries again this often
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class ServiceState:
         self._schema_ready = False
         self._db_reachable = True
         self._next_prune = 0.0
+        self._failed_at: float | None = None  # when loading the desired generation failed
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
 
@@ -215,6 +217,7 @@ class ServiceState:
         self.model = model
         self.generation = generation
         self.load_error = None
+        self._failed_at = None
         self.metrics.model_info.labels(model.name, model.version).set(1)
 
     async def _load_unpublished(self, metadata_file: str) -> None:
@@ -226,14 +229,17 @@ class ServiceState:
             except ModelLoadError as err:
                 log.error("Cannot load start-up model %s: %s", metadata_file, err.reason)
 
-    async def _follow(self, generation: int, metadata_file: str) -> None:
-        """Load the desired model; on failure keep serving the old one, but not ready."""
+    async def _follow(self, generation: int, metadata_file: str, retry: bool = False) -> None:
+        """Load the desired model; on failure keep serving the old one, but not ready (and
+        try again every LOAD_RETRY_S: object storage may have failed only for a moment)."""
         async with self._reload_lock:
-            if generation <= self.generation:
+            if generation < self.generation or (generation == self.generation and not retry):
                 return
+            self._failed_at = None
             try:
                 model = await self._load(metadata_file)
             except ModelLoadError as err:
+                self._failed_at = time.monotonic()
                 log.error(
                     "Cannot follow model %s (generation %d): %s — keeping %s",
                     metadata_file,
@@ -299,6 +305,12 @@ class ServiceState:
                     self._db_up()
                     if desired is not None and desired.generation > self.generation:
                         await self._follow(desired.generation, desired.metadata_file)
+                    elif (
+                        desired is not None
+                        and self._failed_at is not None
+                        and time.monotonic() - self._failed_at >= LOAD_RETRY_S
+                    ):
+                        await self._follow(desired.generation, desired.metadata_file, retry=True)
                 self.metrics.spool_pending.set(self.recorder.pending())
                 if self.model is not None and loop.time() >= next_drift_refresh:
                     next_drift_refresh = loop.time() + self.settings.drift_refresh_s
