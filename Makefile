@@ -36,11 +36,17 @@ demo-stack: setup setup-stack  ## cvops up, the full flow on the stack, traffic,
 	$(BIN)/cvops run $(CONFIG)
 	$(BIN)/python scripts/demo_stack.py
 
+# The suite waits on servers about as much as it computes: 2 pytest-xdist workers, each test
+# file one unit of work (its module fixtures built once), slow files first (tests/conftest.py).
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 test: setup system-deps  ## the whole test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup system-deps  ## tests without the slow end-to-end ones
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # e.g. BENCH_SERVE_ARGS="--skip-reference --workers 1"; --baseline DIR (default ../shared/baselines/reference_dl_service)
 BENCH_SERVE_ARGS ?=
