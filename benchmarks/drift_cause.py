@@ -90,16 +90,43 @@ EXPECTED: dict[str, tuple[str, ...]] = {
 }
 TARGETS = ("brightness", "contrast", "blur", "gaussian_noise", "class_prior")  # at medium
 SCENARIO_ORDER = (*TARGETS, "background", "unseen_class")
-# Written from the runs (tuning on seed 7 with 25 windows, this file's seed 8 before and after).
+# Written from the runs (tuning on seed 7 with 25 windows, this file's seed 8 before and after;
+# the package retrained with today's training settings, 200 un-shifted windows).
 NOTES = [
     "## Notes",
     "",
-    "- Ranking change (`cvops.monitor.causes.prediction_leads`, tuned on seed 7, reported "
-    "here on seed 8): the prediction shift now ranks first when its total variation distance "
-    "(share of predictions that changed class) exceeds the leading property's KS distance, "
-    "both 'what share of the window moved'. Before it, a significant property always ranked "
-    "first. Seed 8 before -> after: class_prior/medium 47 -> 50 (misses: 'wider in pixels', "
-    "width +9..17%), class_prior/high 45 -> 50 "
+    "- Package: retrained with the current shipped training settings (plateau patience 4, "
+    "early stopping patience 8; test accuracy 0.880). The previous package (test accuracy "
+    "0.900) was trained before those defaults changed (patience 2 and 5). On the same seed-8 "
+    "windows the two agree on the targets (medium 250/250 each; un-shifted 188/200 each, "
+    "naming the same causes: the properties do not depend on the model, and the reference "
+    "images are the same); they differ on background/medium ('higher in contrast' 11, "
+    "'sharper or more textured' 39; was 15 and 35), unseen_class/medium (prediction shift 9 "
+    "of 50; was 13) and unseen_class/high (46 of 50; was 50: 2 'no single cause', 1 'sharper "
+    "or more textured', 1 'less saturated').",
+    "- Un-shifted windows: 188/200 = 94.0% 'no single cause' [95% CI 89.8%, 96.5%] on both "
+    "packages (48/50 with the first 50 windows): the >= 95% target lies inside the interval, "
+    "the point estimate below it. The 12 causes named are spread over seven tests and fire at "
+    "corrected p between 0.002 (the prediction shift, once) and 0.05 (per window under "
+    "Misses), width ('size') most often (4). The tests are calibrated: on these windows the "
+    "property KS p-values (asymptotic, at "
+    "the effective sizes) equal scipy's exact two-sample p-values (2200 tests: 6.1% below "
+    "0.05 either way, median ratio 1.01; a one-off check), and the Bonferroni correction "
+    "already counts the properties and the prediction shift together (12 tests). What the "
+    "windows share is one reference sample: its chance deviations from the population (the "
+    "pooled p-values below: width, aspect and sharpness lowest, the tests that fire most) "
+    "count against every window, so 200 windows measure this reference's false-cause rate, "
+    "not the average over references. References of the same size drawn from the fresh "
+    "images (the spread below) show that average is lower than alpha (Bonferroni is "
+    "conservative for correlated properties) and that single references scatter around it; "
+    "the training images' reference lies in the upper part. Lowering the level until this "
+    "one reference gives 95% would tune the tests to the benchmark; alpha stays 0.05.",
+    "- Ranking change (`cvops.monitor.causes.prediction_leads`, tuned on seed 7, measured on "
+    "seed 8 with the previous package): the prediction shift ranks first when its total "
+    "variation distance (share of predictions that changed class) exceeds the leading "
+    "property's KS distance, both 'what share of the window moved'. Before it, a significant "
+    "property always ranked first. Seed 8 before -> after: class_prior/medium 47 -> 50 "
+    "(misses: 'wider in pixels', width +9..17%), class_prior/high 45 -> 50 "
     "(contrast -8%, aspect +6%), unseen_class/high 28 -> 50 (named 'less saturated' 9, "
     "'noisier' 6, 'sharper or more textured' 6, 'blurrier' 1: the thin spiral and lightning "
     "shapes really do change those properties (KS ~0.15-0.22 on seed 7), while a larger "
@@ -108,19 +135,17 @@ NOTES = [
     "- unseen_class/medium (30% new shapes) is mostly 'no single cause': the predicted-class "
     "shares of 200 images do not move enough for the chi-square at alpha / 12, and the shapes "
     "move no property enough either. The model's confidence does drop (KS on the top "
-    "probability significant in 19 of 25 seed-7 windows), but confidence is not a cause test "
-    "on purpose: the reference is the training images, on which the model is more confident "
-    "than on any new image (mean 0.64 vs 0.62 on un-shifted fresh windows, already "
-    "significant in 1 of 25 un-shifted windows at n = 200 and growing with n), so it would "
-    "name a cause on un-shifted traffic. The embedding verdict still flags these windows "
-    "(`drift_fresh.md`: unseen_class/medium 0.90-1.00 at n = 500).",
-    "- background: 60% re-rendered backgrounds read as 'higher in contrast' (15 of 50) or "
-    "'sharper or more textured' (35); both describe the checker/stripes backgrounds.",
+    "probability significant in 19 of 25 seed-7 windows, previous package), but confidence is "
+    "not a cause test on purpose: the reference is the training images, on which the model is "
+    "more confident than on any new image (previous package: mean 0.64 vs 0.62 on un-shifted "
+    "fresh windows, already significant in 1 of 25 un-shifted windows at n = 200 and growing "
+    "with n), so it would name a cause on un-shifted traffic. The embedding verdict still "
+    "flags these windows (`drift_fresh.md`: unseen_class/medium 0.90-1.00 at n = 500).",
+    "- background: 60% re-rendered backgrounds read as 'higher in contrast' or 'sharper or "
+    "more textured' (table); both describe the checker/stripes backgrounds.",
     "- blur is named through the noise estimate ('blurrier (less fine detail)', noise -80%) "
     "more often than through sharpness: Immerkaer's estimate measures the finest detail, "
     "which blur removes first.",
-    "- Un-shifted: 2 of 50 windows name a cause (darker by 5%, wider by 15%), within the "
-    "alpha = 0.05 the tests are corrected for.",
 ]
 CAUSE_ORDER = (
     "brightness",
@@ -250,10 +275,15 @@ def timing_note(work: Path, args: argparse.Namespace, meta: ModelMetadata) -> st
         names.append(f"null_seed{args.seed}_{args.n}x{args.null_windows}_{tag}.npz")
     if not all((work / name).exists() for name in names):
         return ""
-    built = [f"{timings[n] / 60:.0f} min" for n in names if n in timings]
+    labels = ("scenario windows", "un-shifted windows")
+    built = [
+        f"{label} built in {timings[n] / 60:.0f} min"
+        for label, n in zip(labels, names, strict=False)
+        if n in timings
+    ]
     if not built:
         return " (windows from the cache)"
-    return f" (windows from the cache, built in {' + '.join(built)} on 2 shared cores)"
+    return f" (windows from the cache; {', '.join(built)} on 2 shared cores)"
 
 
 # --------------------------------------------------------------------------- fresh windows
@@ -471,6 +501,19 @@ class Outcome:
     ranked: list[str]
     sentence: str
     examples: list[str]
+    p_adjusted: float | None = None  # the named cause's corrected p-value
+
+
+def top_p(report: CauseReport) -> float | None:
+    """The corrected p-value of the report's top cause (None: no cause)."""
+    if report.top_cause is None:
+        return None
+    if report.top_cause == PREDICTION_CAUSE and report.prediction is not None:
+        return report.prediction.p_adjusted
+    return next(
+        (p.p_adjusted for p in report.properties if p.significant and p.explained_by is None),
+        None,
+    )
 
 
 def evaluate(
@@ -492,11 +535,63 @@ def evaluate(
                     report.ranked_causes,
                     report.sentence,
                     [e.predicted_class or "" for e in report.examples],
+                    top_p(report),
                 )
             )
         named = Counter(o.named for o in outcomes if o.group == group)
         log.info("%s (%.1f s): %s", group, time.perf_counter() - t0, dict(named))
     return outcomes
+
+
+def reference_spread(
+    pool: Pool, meta: ModelMetadata, args: argparse.Namespace, reference: pd.DataFrame
+) -> list[str]:
+    """How much the false-cause rate of the property tests depends on the one reference
+    sample every window is tested against: `--reference-draws` references of as many fresh
+    un-shifted images as the package's reference, each with `--windows` disjoint windows of the
+    rest, the properties tested as `explain_drift` does (re-weighted to the window's predicted
+    classes, at alpha / (properties + 1))."""
+    from cvops.monitor.causes import property_shifts
+
+    frame = pd.DataFrame(pool.props, columns=list(IMAGE_PROPERTIES))
+    classes = np.asarray(meta.classes, dtype=object)[pool.probs.argmax(1)]
+    size = args.reference_rows
+    rng = np.random.default_rng(args.seed)
+    rates = []
+    for _ in range(args.reference_draws):
+        order = rng.permutation(len(frame))
+        ref, rest = order[:size], order[size:]
+        windows = min(args.windows, len(rest) // args.n)
+        hits = 0
+        for w in range(windows):
+            idx = rest[w * args.n : (w + 1) * args.n]
+            shifts = property_shifts(
+                frame.iloc[ref].reset_index(drop=True),
+                frame.iloc[idx].reset_index(drop=True),
+                ALPHA,
+                len(IMAGE_PROPERTIES) + 1,
+                reference_groups=classes[ref],
+                window_groups=classes[idx],
+            )
+            hits += any(s.significant for s in shifts)
+        rates.append(hits / windows)
+    r = np.asarray(rates)
+    from scipy import stats
+
+    pooled = ", ".join(
+        f"{name} {stats.ks_2samp(reference[name], frame[name]).pvalue:.2f}"
+        for name in IMAGE_PROPERTIES
+        if name in reference.columns
+    )
+    return [
+        f"- The package's reference against all {len(frame)} un-shifted images (KS p-value "
+        f"per property; the tests' null hypothesis, one sample each): {pooled}.",
+        f"- Reference spread (`--reference-draws {args.reference_draws}`): {len(r)} references "
+        f"of {size} fresh un-shifted images, {windows} windows of n = {args.n} each, property "
+        f"tests only: false-cause rate mean {r.mean():.1%}, sd {r.std():.1%}, range "
+        f"{r.min():.0%}-{r.max():.0%}; {np.mean(r > ALPHA):.0%} of the references above "
+        f"{ALPHA:.0%}.",
+    ]
 
 
 # --------------------------------------------------------------------------- the report
@@ -566,7 +661,9 @@ def report(
     null_hits = sum(o.named == NO_SINGLE_CAUSE for o in null)
     accuracy = meta.metrics.get("test_accuracy", math.nan)
     null_flag = f"--null-windows {args.null_windows} " if args.null_windows != args.windows else ""
-    null_text = f" ({args.null_windows} un-shifted)" if null_flag else ""
+    if getattr(args, "reference_draws", 0):
+        null_flag += f"--reference-draws {args.reference_draws} "
+    null_text = f" ({args.null_windows} un-shifted)" if args.null_windows != args.windows else ""
     null_lo, null_hi = wilson(null_hits, len(null))
     lines = [
         "# Drift causes: is the injected cause ranked first?",
@@ -607,6 +704,13 @@ def report(
         named = Counter(o.named for o in missed)
         summary = ", ".join(f"{c} {k}" for c, k in named.most_common())
         lines.append(f"- **{group}** ({len(missed)} of {n_windows[group]}: {summary}), e.g.:")
+        if group == BASELINE:  # which test fired on un-shifted images, and how clearly
+            fired = ", ".join(
+                f"{o.named} {o.p_adjusted:.3f}"
+                for o in sorted(missed, key=lambda o: o.p_adjusted or 0.0)
+                if o.p_adjusted is not None
+            )
+            lines.append(f"  - corrected p-value of the named cause per window: {fired}")
         for o in missed[: args.examples]:
             ranked = " > ".join(o.ranked) or "-"
             lines.append(f"  - window {o.window} (ranked: {ranked}): \u201c{o.sentence}\u201d")
@@ -616,7 +720,7 @@ def report(
             o = next(o for o in outcomes if o.group == group)
             shown = ", ".join(o.examples[:4])
             lines.append(f"- {group}: \u201c{o.sentence}\u201d (top examples predicted: {shown})")
-    lines += ["", *NOTES]
+    lines += ["", *NOTES, *getattr(args, "spread", [])]
     rate = target_hits / max(1, len(target))
     lines += ["", f"injected cause ranked first at medium severity: {rate:.1%}"]
     return "\n".join(lines) + "\n"
@@ -635,6 +739,13 @@ def main(argv: list[str] | None = None) -> int:
         "from a separate, larger rendering of the same seed's un-shifted images",
     )
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument(
+        "--reference-draws",
+        type=int,
+        default=0,
+        help="also draw this many references from the un-shifted images (needs "
+        "--null-windows large enough) and report the spread of the false-cause rate",
+    )
     ap.add_argument("--train-seed", type=int, default=42)
     ap.add_argument("--train-per-class", type=int, default=250)
     ap.add_argument("--epochs", type=int, default=10)
@@ -655,6 +766,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.null_windows > len(pools[BASELINE].source) // args.n:
         pools[BASELINE] = build_null_pool(args, storage, meta)
     outcomes = evaluate(pools, storage, meta, args)
+    if args.reference_draws:
+        ref_props = load_reference_extras(storage, meta).properties
+        args.reference_rows = len(ref_props)
+        args.spread = reference_spread(pools[BASELINE], meta, args, ref_props)
     rows = len(load_reference(storage, meta)["bbsd"])
     text = report(outcomes, args, meta, time.perf_counter() - t0, rows)
     Path(args.out).write_text(text, encoding="utf-8")
