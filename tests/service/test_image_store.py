@@ -14,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from cvops.monitor.causes import CauseReport, Example
+from cvops.monitor.check import add_thumbnails
 from cvops.records.images import ImageStore, image_extension
 from cvops.records.schema import make_engine
 from cvops.service.app import create_app
@@ -164,6 +166,16 @@ def test_a_storage_outage_keeps_records_spooled_and_they_land_once(
     listed = client.list_objects_v2(Bucket=bucket)["Contents"]
     assert sorted(o["Key"] for o in listed) == [f"central/{key}.overlay.png", f"central/{key}.png"]
     assert storage.read_bytes(f"{key}.png") == upload
+    # the monitor's cause examples read them back from the bucket
+    report = CauseReport("x", None, 0.05, 1, examples=[Example(pid, 1.0), Example("gone", 0.5)])
+    engine = make_engine(url)
+    try:
+        assert add_thumbnails(engine, report, storage) == 1
+    finally:
+        engine.dispose()
+    shown = report.examples[0]
+    assert shown.image and shown.image.startswith("data:image/jpeg;base64,") and shown.overlay
+    assert report.notes == []  # an id without a row (pruned) is not a storage problem
 
 
 def test_service_keeps_uploads_in_central_storage(tmp_path: Path) -> None:
