@@ -60,7 +60,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cvops.data.properties import IMAGE_PROPERTIES  # noqa: E402
-from cvops.monitor.causes import NO_SINGLE_CAUSE, PREDICTION_CAUSE, CauseReport  # noqa: E402
+from cvops.monitor.causes import (  # noqa: E402
+    CAUSE_ALPHA,
+    NO_SINGLE_CAUSE,
+    PREDICTION_CAUSE,
+    CauseReport,
+)
 from cvops.monitor.check import (  # noqa: E402
     DriftCheck,
     Window,
@@ -74,7 +79,6 @@ log = logging.getLogger("drift_cause")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "drift_cause_shapes_50px"
-ALPHA = 0.05  # the monitor's default (MonitorConfig.alpha)
 SEVERITIES = ("medium", "high")
 BASELINE = "none/none"
 # scenario -> the cause the monitor should rank first
@@ -471,6 +475,7 @@ def explain_window(
     extras: object,
     meta: ModelMetadata,
     seed: int,
+    alpha: float = CAUSE_ALPHA,
 ) -> CauseReport:
     """The monitor's cause analysis of one window (`explain_check`), as a window read from
     the prediction database would give it: predicted class = softmax argmax, the BBSD and
@@ -490,7 +495,7 @@ def explain_window(
     )
     check = DriftCheck("benchmark", MODEL, meta.version, window, len(reference["bbsd"]))
     check.results["hidden"] = []
-    return explain_check(check, reference, extras, meta.classes, alpha=ALPHA, seed=seed)  # type: ignore[arg-type]
+    return explain_check(check, reference, extras, meta.classes, alpha=alpha, seed=seed)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -526,7 +531,9 @@ def evaluate(
         t0 = time.perf_counter()
         windows = args.null_windows if group == BASELINE else args.windows
         for w, idx in enumerate(window_indices(pools[group], group, args.n, windows)):
-            report = explain_window(pools[group], idx, reference, extras, meta, seed=w)
+            report = explain_window(
+                pools[group], idx, reference, extras, meta, seed=w, alpha=args.cause_alpha
+            )
             outcomes.append(
                 Outcome(
                     group,
@@ -568,7 +575,7 @@ def reference_spread(
             shifts = property_shifts(
                 frame.iloc[ref].reset_index(drop=True),
                 frame.iloc[idx].reset_index(drop=True),
-                ALPHA,
+                args.cause_alpha,
                 len(IMAGE_PROPERTIES) + 1,
                 reference_groups=classes[ref],
                 window_groups=classes[idx],
@@ -589,8 +596,9 @@ def reference_spread(
         f"- Reference spread (`--reference-draws {args.reference_draws}`): {len(r)} references "
         f"of {size} fresh un-shifted images, {windows} windows of n = {args.n} each, property "
         f"tests only: false-cause rate mean {r.mean():.1%}, sd {r.std():.1%}, range "
-        f"{r.min():.0%}-{r.max():.0%}; {np.mean(r > ALPHA):.0%} of the references above "
-        f"{ALPHA:.0%}.",
+        f"{r.min():.0%}-{r.max():.0%}; {np.mean(r > args.cause_alpha):.0%} of the references "
+        f"above {args.cause_alpha:.0%}, {np.mean(r > 0.05):.0%} above 5% (the target's "
+        "complement).",
     ]
 
 
@@ -661,6 +669,8 @@ def report(
     null_hits = sum(o.named == NO_SINGLE_CAUSE for o in null)
     accuracy = meta.metrics.get("test_accuracy", math.nan)
     null_flag = f"--null-windows {args.null_windows} " if args.null_windows != args.windows else ""
+    if args.cause_alpha != CAUSE_ALPHA:
+        null_flag += f"--cause-alpha {args.cause_alpha:g} "
     if getattr(args, "reference_draws", 0):
         null_flag += f"--reference-draws {args.reference_draws} "
     null_text = f" ({args.null_windows} un-shifted)" if args.null_windows != args.windows else ""
@@ -678,7 +688,8 @@ def report(
         "images "
         f"(seed {args.seed}, shifted by `cvops.data.shift`), disjoint within a scenario (class "
         "prior: distinct source images within a window). Every window goes through the "
-        "monitor's own `explain_check` (alpha 0.05, Bonferroni over the properties and the "
+        f"monitor's own `explain_check` (cause_alpha {args.cause_alpha:g}, Bonferroni over the "
+        "properties and the "
         "prediction shift); the table counts its top cause (`no single cause` when nothing is "
         "significant). Bold: the expected cause. `in top 2`: the expected cause among the first "
         "two ranked causes.",
@@ -745,6 +756,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="also draw this many references from the un-shifted images (needs "
         "--null-windows large enough) and report the spread of the false-cause rate",
+    )
+    ap.add_argument(
+        "--cause-alpha",
+        type=float,
+        default=CAUSE_ALPHA,
+        help="family-wise level of the cause tests (MonitorConfig.cause_alpha's default)",
     )
     ap.add_argument("--train-seed", type=int, default=42)
     ap.add_argument("--train-per-class", type=int, default=250)

@@ -124,6 +124,9 @@ def monitor(
     ] = None,
     last_n: Annotated[int | None, typer.Option(help="Window: at most the newest N")] = None,
     alpha: Annotated[float | None, typer.Option(help="False-alarm rate of the run")] = None,
+    cause_alpha: Annotated[
+        float | None, typer.Option(help="Level for naming a cause (monitor.cause_alpha)")
+    ] = None,
     serve: Annotated[
         bool,
         typer.Option(
@@ -151,7 +154,12 @@ def monitor(
         fail(str(err))
     overrides = {
         k: v
-        for k, v in {"last_days": last_days, "last_n": last_n, "alpha": alpha}.items()
+        for k, v in {
+            "last_days": last_days,
+            "last_n": last_n,
+            "alpha": alpha,
+            "cause_alpha": cause_alpha,
+        }.items()
         if v is not None
     }
     data = cfg.to_dict()

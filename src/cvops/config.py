@@ -358,6 +358,15 @@ class MonitorConfig(StrictModel):
     last_days: float = Field(default=7, gt=0)
     last_n: PositiveInt = 500
     alpha: float = Field(default=0.05, gt=0, lt=1, description="false-alarm rate of one run")
+    cause_alpha: float = Field(
+        default=0.01,  # = cvops.monitor.causes.CAUSE_ALPHA (not imported: numpy/scipy)
+        gt=0,
+        lt=1,
+        description="family-wise level for naming a cause (property and prediction-shift "
+        "tests, Bonferroni over them): stricter than alpha, so un-shifted traffic gets 'no "
+        "single cause' in >= 95% of runs whatever the one reference sample (see "
+        "benchmarks/results/drift_cause.md); the drift verdict uses alpha",
+    )
     evidently_project: str = "cvops-drift-monitoring"
     workspace: Path = Field(
         default_factory=lambda: default_evidently_workspace(),

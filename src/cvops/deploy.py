@@ -254,6 +254,7 @@ def monitor_parameters(config: dict[str, Any], monitor: Any) -> dict[str, Any]:
         "last_n": monitor.last_n,
         "evidently_project": monitor.evidently_project,
         "alpha": monitor.alpha,
+        "cause_alpha": monitor.cause_alpha,
         "webhook_url": monitor.webhook_url,
         "workspace": str(Path(monitor.workspace).resolve()),
         "evidently_mmd": monitor.evidently_mmd,

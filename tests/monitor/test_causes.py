@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from cvops.config import DriftDetectionConfig, InputSize
+from cvops.config import DriftDetectionConfig, InputSize, MonitorConfig
 from cvops.data.demo import generate_demo_dataset
 from cvops.data.properties import IMAGE_PROPERTIES, image_size, input_properties, properties_frame
 from cvops.data.shift import generate_shift_scenarios
@@ -31,7 +31,7 @@ from cvops.model.drift import build_bbsd, build_hidden, build_uae, reference_fra
 from cvops.model.gradcam import gradcam, gradient_model, heatmap_to_image, overlay
 from cvops.model.pipeline import make_dataset
 from cvops.model.train import save_package
-from cvops.monitor.causes import NO_SINGLE_CAUSE, PREDICTION_CAUSE, explain_drift
+from cvops.monitor.causes import CAUSE_ALPHA, NO_SINGLE_CAUSE, PREDICTION_CAUSE, explain_drift
 from cvops.monitor.run import run_monitor
 from cvops.records.schema import make_engine, upgrade_schema
 from cvops.service.recording import Recorder, write_batch
@@ -175,6 +175,8 @@ def test_brightness_shift_ranks_brightness_first(brightness) -> None:
     assert causes.top_cause == "brightness" and top.name == "brightness"
     assert top.significant and top.direction == 1 and top.change > 0.3
     assert causes.sentence.startswith("Images are brighter")
+    # a cause is named at the stricter cause level, the verdict at alpha (MonitorConfig)
+    assert causes.alpha == CAUSE_ALPHA == MonitorConfig().cause_alpha < MonitorConfig().alpha
     # the images that show it: thumbnails of the upload and its Grad-CAM overlay
     assert len(causes.examples) == 8
     assert all(e.image and e.image.startswith("data:image/jpeg;base64,") for e in causes.examples)

@@ -15,6 +15,7 @@ from tenacity import retry, stop_after_attempt, wait_exponential
 
 from cvops.config import MonitorConfig
 from cvops.flows.common import as_config, step
+from cvops.monitor.causes import CAUSE_ALPHA
 from cvops.monitor.check import DriftCheck, describe
 from cvops.monitor.run import run_monitor
 from cvops.service.settings import ServiceSettings
@@ -43,7 +44,13 @@ def alert_payload(check: DriftCheck) -> dict[str, Any]:
 
 
 @step("check-drift")
-def check_step(metadata_file: str, last_days: float, last_n: int, alpha: float) -> DriftCheck:
+def check_step(
+    metadata_file: str,
+    last_days: float,
+    last_n: int,
+    alpha: float,
+    cause_alpha: float = CAUSE_ALPHA,
+) -> DriftCheck:
     settings = get_settings()
     return run_monitor(
         open_storage(settings),
@@ -52,6 +59,7 @@ def check_step(metadata_file: str, last_days: float, last_n: int, alpha: float) 
         last_days=last_days,
         last_n=last_n,
         alpha=alpha,
+        cause_alpha=cause_alpha,
     )
 
 
@@ -121,6 +129,7 @@ def drift_detection_evidently(
     evidently_project: str = "cvops-drift-monitoring",
     metadata_file: str | None = None,
     alpha: float = 0.05,
+    cause_alpha: float = CAUSE_ALPHA,
     webhook_url: str | None = None,
     workspace: str = ".cvops/evidently",
     evidently_mmd: bool = False,
@@ -145,13 +154,14 @@ def drift_detection_evidently(
         last_days=last_days,
         last_n=last_n,
         alpha=alpha,
+        cause_alpha=cause_alpha,
         evidently_project=evidently_project,
         webhook_url=webhook_url,
         workspace=workspace,
         evidently_mmd=evidently_mmd,
         retrain_on_drift=retrain_on_drift,
     )
-    check = check_step(metadata_file, last_days, last_n, alpha)
+    check = check_step(metadata_file, last_days, last_n, alpha, cause_alpha)
     log.info("%s", describe(check))
     report = report_step(check, metadata_file, monitor)
     actions = alert_step(check, monitor) if check.drifted else []
@@ -181,6 +191,7 @@ def start(config: dict[str, Any]) -> dict[str, Any]:
         evidently_project=monitor.evidently_project,
         metadata_file=metadata_file_name(cfg),
         alpha=monitor.alpha,
+        cause_alpha=monitor.cause_alpha,
         webhook_url=monitor.webhook_url,
         workspace=str(monitor.workspace),
         evidently_mmd=monitor.evidently_mmd,

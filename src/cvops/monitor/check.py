@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from cvops.data.properties import IMAGE_PROPERTIES, REFERENCE_PREFIX, reference_properties
-from cvops.monitor.causes import CauseReport, explain_drift, top_examples
+from cvops.monitor.causes import CAUSE_ALPHA, CauseReport, explain_drift, top_examples
 from cvops.monitor.stats import (
     DEFAULT_METHODS,
     REPORTED_METHODS,
@@ -329,7 +329,7 @@ def explain_check(
     extras: ReferenceExtras,
     classes: list[str],
     *,
-    alpha: float = 0.05,
+    alpha: float = CAUSE_ALPHA,
     examples: int = 8,
     seed: int = 0,
 ) -> CauseReport:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from cvops.monitor.causes import CAUSE_ALPHA
 from cvops.monitor.check import (
     DriftCheck,
     add_thumbnails,
@@ -29,6 +30,7 @@ def run_monitor(
     last_days: float = 7,
     last_n: int = 500,
     alpha: float = 0.05,
+    cause_alpha: float = CAUSE_ALPHA,
     seed: int = 0,
 ) -> DriftCheck:
     meta = storage.load_metadata(metadata_file)
@@ -40,7 +42,7 @@ def run_monitor(
         check = check_drift(reference, window, meta, alpha=alpha, seed=seed)
         if window.size >= 2:
             extras = load_reference_extras(storage, meta)
-            explain_check(check, reference, extras, meta.classes, alpha=alpha, seed=seed)
+            explain_check(check, reference, extras, meta.classes, alpha=cause_alpha, seed=seed)
             assert check.causes is not None
             add_thumbnails(engine, check.causes, storage)
             log.info("Likely cause: %s", check.causes.sentence)
