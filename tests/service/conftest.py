@@ -184,7 +184,9 @@ class ServiceProcess:
             self._log.close()
             return
         try:
-            self.proc.wait(30)
+            # gunicorn gives a busy worker its graceful_timeout (30 s) before killing it, and
+            # then exits itself: waiting exactly 30 s raced that on busy cores
+            self.proc.wait(45)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             raise
