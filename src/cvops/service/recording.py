@@ -76,6 +76,7 @@ TABLES: dict[str, Table] = {
 DATETIME_FIELDS = ("created_on",)
 URL_FIELDS = ("url",)
 DEAD_LETTER_FILE = "dead_letters.jsonl"
+ORPHAN_SCAN_S = 5.0  # how often a flusher looks for spools left by a stopped worker
 # SQLSTATE classes worth retrying the same batch for: connection exception, transaction
 # rollback (deadlock, serialization), insufficient resources, operator intervention (shutdown),
 # system error. Anything else is about the records themselves.
@@ -289,6 +290,10 @@ class Recorder:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # records spooled since the flusher last ran: it is woken early only for a full batch
+        # (one flush per record cost more CPU than the request itself at low load)
+        self._spooled_since_flush = 0
+        self._next_orphan_scan = 0.0
         self._thread = threading.Thread(target=self._run, name="db-flusher", daemon=True)
         self._writes: queue.SimpleQueue[tuple[list[Any], Future[None]] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
@@ -421,7 +426,9 @@ class Recorder:
             else:
                 for _, done in batch:
                     done.set_result(None)
-                self._wake.set()
+                self._spooled_since_flush += sum(len(records) for records, _ in batch)
+                if self._spooled_since_flush >= self.batch_size:
+                    self._wake.set()
             if stopping:
                 return
 
@@ -603,8 +610,12 @@ class Recorder:
         return adopted
 
     def _flush_all(self) -> None:
+        self._spooled_since_flush = 0
         self._flush_spool(self.spool)
         self._prune_inputs()
+        if time.monotonic() < self._next_orphan_scan:
+            return
+        self._next_orphan_scan = time.monotonic() + ORPHAN_SCAN_S
         for orphan in self._orphans():
             try:
                 moved = self._flush_spool(orphan)
