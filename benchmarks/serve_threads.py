@@ -1,0 +1,178 @@
+"""Where a `cvops serve` worker's CPU goes under load: CPU milliseconds per request for every
+thread of the workers (named: the service's Python threads get their names as OS thread names
+through a sitecustomize on the workers' PYTHONPATH), Postgres and the load generator, at one
+concurrency; optionally a py-spy profile (GIL holders only) of the first worker.
+
+Reuses `benchmarks/serve.py`'s package, Postgres, service and load generator, so its figures
+compare with `make bench-serve`. Absolute numbers depend on what else runs on the machine: run
+it on a quiet machine, and compare configurations within one run.
+
+    python benchmarks/serve_threads.py --concurrency 32 --requests 800
+    python benchmarks/serve_threads.py --env CVOPS_SERVICE_SPOOL_FSYNC=false --py-spy out.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+import serve as bench  # noqa: E402  (the serving benchmark's parts)
+
+NAME_THREADS = """\
+import threading
+_run = threading.Thread.run
+def _named_run(self):
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(self.name[:15])
+    except OSError:
+        pass
+    return _run(self)
+threading.Thread.run = _named_run
+"""
+
+
+def thread_cpu(pids: list[int]) -> dict[tuple[int, str], float]:
+    """CPU seconds per (pid, thread name) from /proc (threads of one name summed)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: collections.Counter[tuple[int, str]] = collections.Counter()
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[(pid, name)] += (int(fields[11]) + int(fields[12])) / ticks
+    return dict(out)
+
+
+def process_cpu(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def postgres_processes() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "postgres" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=800)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-heatmaps", action="store_true", help="POST /predict?heatmaps=false")
+    parser.add_argument("--py-spy", type=Path, help="write a raw py-spy profile of worker 1")
+    parser.add_argument("--work", type=Path, help="keep the package here between runs")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="cvops-serve-threads-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)  # Postgres runs as `postgres` under it when we are root
+    storage, package_file = work / "central_storage", work / "package.json"
+    if not package_file.exists():
+        package = bench.build_package(storage, work / "build", untrained=False)
+        package_file.write_text(json.dumps(package.__dict__))
+    package = bench.Package(**json.loads(package_file.read_text()))
+    image = bench.demo_image()
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (run_dir / "site").mkdir(parents=True)
+    (run_dir / "cwd").mkdir()
+    (run_dir / "site" / "sitecustomize.py").write_text(NAME_THREADS)
+    pg = bench.Postgres(run_dir / "postgres")
+    pg.start()
+    port = bench.free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPS_")}
+    env.update(
+        PYTHONPATH=str(run_dir / "site"),
+        CENTRAL_STORAGE_PATH=str(storage),
+        CVOPS_STATE_DIR=str(run_dir / "state"),
+        CVOPS_SERVICE_ADMIN_TOKEN="benchmark",
+        CVOPS_SERVICE_DB_URL=pg.create_database("cvops"),
+    )
+    env.update(dict(item.split("=", 1) for item in args.env))
+    cmd = [sys.executable, "-m", "cvops.cli", "serve", "--workers", str(args.workers)]
+    cmd += ["--port", str(port), "--model", package.metadata_file]
+    service = bench.Service("cvops", cmd, run_dir / "cwd", env, run_dir / "service.log")
+    params = {"heatmaps": "false"} if args.no_heatmaps else None
+    conc = args.concurrency
+    service.start()
+    try:
+        service.wait_answering(f"{base}/ready")
+        time.sleep(3)  # every worker loaded
+        assert service.proc is not None
+        master = psutil.Process(service.proc.pid)
+        workers = master.children(recursive=True)
+        url = f"{base}/predict"
+        asyncio.run(bench.run_levels(url, image, {conc: 64}, {conc: 8}, None, params))
+        groups = {
+            "workers": workers,
+            "postgres": postgres_processes(),
+            "client": [psutil.Process()],
+        }
+        before = {name: process_cpu(procs) for name, procs in groups.items()}
+        threads_before = thread_cpu([w.pid for w in workers])
+        spy = None
+        if args.py_spy:
+            spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "250"]
+            spy_cmd += ["-f", "raw", "-o", str(args.py_spy), "-p", str(workers[0].pid)]
+            spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        started = time.perf_counter()
+        level = asyncio.run(
+            bench.run_levels(url, image, {conc: args.requests}, {conc: 0}, None, params)
+        )[conc]
+        wall = time.perf_counter() - started
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(60)
+        groups["postgres"] = postgres_processes()
+        threads_after = thread_cpu([w.pid for w in workers])
+        n = args.requests
+        print(
+            f"c={conc}, {n} requests: {level.rps:.1f} req/s, p50 {level.p50:.1f} ms, "
+            f"p99 {level.p99:.0f} ms, errors {level.errors}, wall {1000 * wall / n:.2f} ms/request"
+        )
+        print("CPU ms per request:")
+        for name, procs in groups.items():
+            print(f"  {name:>10}: {1000 * (process_cpu(procs) - before[name]) / n:6.2f}")
+        spent = {k: v - threads_before.get(k, 0.0) for k, v in threads_after.items()}
+        for (pid, name), seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+            if seconds > 0:
+                print(f"  worker {pid} thread {name:>15}: {1000 * seconds / n:6.2f}")
+    finally:
+        service.stop()
+        pg.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
