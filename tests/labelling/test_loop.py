@@ -9,6 +9,7 @@ import io
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from cvops.labelling import loop
 from cvops.labelling.client import LabelStudio
 from cvops.monitor.check import feedback_labels
 from cvops.records.schema import LabellingTask, Prediction, make_engine, upgrade_schema
+from cvops.service.recording import Recorder
+from cvops.storage import CentralStorage
 
 pytestmark = pytest.mark.slow
 CLASSES_3 = list(CLASSES[:3])
@@ -36,8 +39,29 @@ def png_b64(rng: np.random.Generator, side: int = 24) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def insert_predictions(
-    engine: Engine,
+def insert_predictions(engine: Engine, n: int, **kwargs: Any) -> list[str]:
+    rows = prediction_rows(n, **kwargs)
+    with engine.begin() as conn:
+        conn.execute(Prediction.__table__.insert(), rows)
+    return [r["id"] for r in rows]
+
+
+def flush_predictions(
+    url: str, spool_dir: Path, storage: CentralStorage | None, n: int, **kwargs: Any
+) -> list[dict[str, Any]]:
+    """Predictions written by the service's spool flusher, their uploads moved to `storage`
+    (CVOPS_SERVICE_STORE_IMAGES=central_storage; the rows keep only the keys); the records."""
+    rows = prediction_rows(n, **kwargs)
+    for row in rows:
+        row["created_on"] = row["created_on"].isoformat()
+    recorder = Recorder(url, spool_dir, fsync=False, image_storage=storage)
+    recorder.start()
+    recorder.record([("prediction", dict(r)) for r in rows])
+    recorder.stop()  # flushes the spool
+    return rows
+
+
+def prediction_rows(
     n: int,
     *,
     model_name: str,
@@ -45,7 +69,7 @@ def insert_predictions(
     classes: list[str] = CLASSES_3,
     seed: int = 0,
     images: bool = True,
-) -> list[str]:
+) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     now = dt.datetime.now(dt.UTC)
     rows = []
@@ -67,9 +91,7 @@ def insert_predictions(
                 "created_on": now - dt.timedelta(seconds=i),
             }
         )
-    with engine.begin() as conn:
-        conn.execute(Prediction.__table__.insert(), rows)
-    return [r["id"] for r in rows]
+    return rows
 
 
 @pytest.fixture()
@@ -177,17 +199,28 @@ def test_push_pull_relabel_round_trip(engine, dataset, studio: LabelStudio) -> N
 
 
 def test_unknown_class_files_unknown_images_and_pull_without_project(
-    engine, dataset, studio: LabelStudio
+    engine, dataset, studio: LabelStudio, tmp_path: Path
 ) -> None:
+    """Also: images the service kept in central storage (CVOPS_SERVICE_STORE_IMAGES=
+    central_storage) are pushed and pulled like those in the rows."""
     name = f"shapes-{uuid.uuid4().hex[:8]}"
     flow = flow_config(dataset, name)
     cfg = LabellingConfig(n=2, strategy="margin", random_share=0.0, unknown_class=CLASSES_3[2])
     assert loop.pull(engine, studio, flow, cfg).changes == 0  # no project yet
     meta = SimpleNamespace(model_name=name, version="1", classes=CLASSES_3)
-    insert_predictions(engine, 4, model_name=name)
-    pushed = loop.push(engine, studio, meta, cfg)
+    storage = CentralStorage(tmp_path / "central_storage")
+    rows = flush_predictions(str(engine.url), tmp_path / "spool", storage, 4, model_name=name)
+    pushed = loop.push(engine, studio, meta, cfg, storage=storage)
+    assert (pushed.sent, pushed.pool, pushed.unreadable) == (2, 4, 0)
+    uploads = {r["id"]: r["input_img"] for r in rows}
     for task in studio.tasks(pushed.project_id):
+        assert (
+            task["data"]["image"]
+            == f"data:image/png;base64,{uploads[task['data']['prediction_id']]}"
+        )
         studio.annotate(task["id"], "other / unknown")
-    result = loop.pull(engine, studio, flow, cfg)
+    result = loop.pull(engine, studio, flow, cfg, storage)
     assert (result.added, result.unknown, result.tag) == (2, 2, "v2.1.0")
-    assert len(list((dataset / "images" / "train" / CLASSES_3[2]).glob("ls_*"))) == 2
+    added = list((dataset / "images" / "train" / CLASSES_3[2]).glob("ls_*"))
+    assert len(added) == 2
+    assert {base64.b64encode(p.read_bytes()).decode() for p in added} <= set(uploads.values())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import inspect
@@ -13,17 +12,6 @@ from cvops.labelling.loop import candidate_pool
 from cvops.records.schema import LabellingTask, make_engine, upgrade_schema
 from cvops.service.recording import feedback_record, write_batch
 from tests.labelling.test_loop import CLASSES_3, insert_predictions
-from tests.pg import PostgresCluster
-
-
-@pytest.fixture()
-def postgres_url() -> Iterator[str]:
-    cluster = PostgresCluster()
-    cluster.start()
-    try:
-        yield cluster.create_database("labelling")
-    finally:
-        cluster.destroy()
 
 
 def check_candidates(url: str) -> None:

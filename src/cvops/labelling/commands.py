@@ -42,17 +42,21 @@ def run_push(cfg: FlowConfig, labelling: LabellingConfig) -> tuple[Any, PushResu
     engine = _engine()
     try:
         with LabelStudio(url, token) as studio:
-            return meta, push(engine, studio, meta, labelling, reference=reference)
+            return meta, push(engine, studio, meta, labelling, reference=reference, storage=storage)
     finally:
         engine.dispose()
 
 
 def run_pull(cfg: FlowConfig, labelling: LabellingConfig) -> PullResult:
+    from cvops.settings import get_settings
+    from cvops.storage import open_storage
+
     url, token = LabelStudioSettings().require()
+    storage = open_storage(get_settings())  # where the service kept images, if it used it
     engine = _engine()
     try:
         with LabelStudio(url, token) as studio:
-            return pull(engine, studio, cfg, labelling)
+            return pull(engine, studio, cfg, labelling, storage)
     finally:
         engine.dispose()
 

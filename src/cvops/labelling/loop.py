@@ -1,7 +1,8 @@
 """The labelling loop: push predictions worth a label to Label Studio, pull the labels back.
 
-push: the current model's logged predictions (`predictions`, which keeps the uploaded image
-while the service stores images) that were never sent and have no feedback yet are ranked by
+push: the current model's logged predictions (`predictions`) that still have their upload, in
+the row or in central storage (`CVOPS_SERVICE_STORE_IMAGES`, :mod:`cvops.records.images`), were
+never sent and have no feedback yet are ranked by
 a strategy (:mod:`cvops.labelling.select`, with its random control share) and imported into the
 model's Label Studio project as tasks, the model's answer as pre-annotation; `labelling_tasks`
 records each one.
@@ -27,11 +28,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -39,6 +40,7 @@ from cvops.config import FlowConfig, LabellingConfig
 from cvops.labelling.client import LabelStudio, choice_result, label_config
 from cvops.labelling.select import Selection
 from cvops.labelling.select import select as select_rows
+from cvops.records.images import IMAGE_KEY
 from cvops.records.schema import (
     Feedback,
     LabellingTask,
@@ -47,6 +49,9 @@ from cvops.records.schema import (
     upgrade_schema,
 )
 from cvops.service.recording import feedback_record, write_batch
+
+if TYPE_CHECKING:
+    from cvops.storage import CentralStorage
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ class Pool:
     probs: np.ndarray
     predicted: list[str]
     features: dict[str, np.ndarray] = field(default_factory=dict)
-    without_image: int = 0
+    without_image: int = 0  # never stored (CVOPS_SERVICE_STORE_IMAGES=none): not labellable
 
 
 def candidate_pool(
@@ -77,7 +82,8 @@ def candidate_pool(
     limit: int,
 ) -> Pool:
     """The newest `limit` predictions of the model (its version, when known) that still have
-    their image, were never sent to Label Studio and have no feedback."""
+    their image (in the row, or referenced in central storage), were never sent to Label Studio
+    and have no feedback."""
     sent = select(LabellingTask.prediction_id)
     labelled = select(Feedback.prediction_id)
     where = [
@@ -87,6 +93,7 @@ def candidate_pool(
     ]
     if model_version is not None:
         where.append(Prediction.model_version == model_version)
+    storage_key = Prediction.prediction_json[IMAGE_KEY].as_string()
     stmt = (
         select(
             Prediction.id,
@@ -94,7 +101,7 @@ def candidate_pool(
             Prediction.uae_feats,
             Prediction.hidden_feats,
         )
-        .where(*where, Prediction.input_img.is_not(None))
+        .where(*where, or_(Prediction.input_img.is_not(None), storage_key.is_not(None)))
         .order_by(Prediction.created_on.desc())
         .limit(limit)
     )
@@ -114,7 +121,7 @@ def candidate_pool(
         without = conn.execute(
             select(func.count())
             .select_from(Prediction)
-            .where(*where, Prediction.input_img.is_(None))
+            .where(*where, and_(Prediction.input_img.is_(None), storage_key.is_(None)))
         ).scalar_one()
     features: dict[str, np.ndarray] = {}
     if ids and all(u is not None for u in uae):
@@ -155,6 +162,43 @@ def domain_scores(
     return None
 
 
+def stored_images(
+    engine: Engine, ids: Sequence[str], storage: CentralStorage | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The predictions' uploads as base64, wherever the service kept them: inline in the row,
+    else the central-storage object the row references (read as the monitor's cause examples
+    read theirs, `cvops.monitor.check.add_thumbnails`). (images, why not) per prediction id:
+    an id the service stored no image for, or whose object is missing, is in the second."""
+    images: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    if not ids:
+        return images, missing
+    stmt = select(Prediction.id, Prediction.input_img, Prediction.prediction_json).where(
+        Prediction.id.in_(list(ids))
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    for row in rows:
+        if row.input_img:
+            images[row.id] = row.input_img
+            continue
+        keys = row.prediction_json if isinstance(row.prediction_json, dict) else {}
+        key = keys.get(IMAGE_KEY)
+        if not key:
+            missing[row.id] = "no image stored (CVOPS_SERVICE_STORE_IMAGES=none)"
+        elif storage is None:
+            missing[row.id] = f"{key} is in central storage, and none was given to read it from"
+        else:
+            try:
+                images[row.id] = base64.b64encode(storage.read_bytes(key)).decode("ascii")
+            except Exception as err:  # noqa: BLE001 - one lost object skips one image
+                log.warning("image %s not read from %s: %s", key, storage, err)
+                missing[row.id] = f"{key} not read from central storage ({type(err).__name__})"
+    for pid in set(ids) - images.keys() - missing.keys():
+        missing[pid] = "no predictions row"
+    return images, missing
+
+
 def image_data_uri(b64: str) -> str:
     """A stored base64 upload as a data URI Label Studio shows (type from the bytes)."""
     raw = base64.b64decode(b64)
@@ -178,19 +222,32 @@ class PushResult:
     pool: int
     without_image: int
     strategy: str
+    unreadable: int = 0  # picked, but the image in central storage could not be read
+
+    def skipped(self) -> str:
+        """Why predictions were left out, or ''."""
+        notes = []
+        if self.without_image:
+            notes.append(
+                f"{self.without_image} predictions skipped: no image stored (served with "
+                "CVOPS_SERVICE_STORE_IMAGES=none; set it to db or central_storage to label them)"
+            )
+        if self.unreadable:
+            notes.append(
+                f"{self.unreadable} picked predictions skipped: their image in central storage "
+                "could not be read (see the log)"
+            )
+        return "".join(f"; {n}" for n in notes)
 
     def describe(self) -> str:
         if self.sent == 0:
             return f"nothing to send: {self.pool} unlabelled predictions with images" + (
-                f" ({self.without_image} more without a stored image: set "
-                "CVOPS_SERVICE_STORE_IMAGES=true)"
-                if self.without_image
-                else ""
+                self.skipped()
             )
         arms = ", ".join(f"{k} {v}" for k, v in sorted(self.arms.items()))
         return (
             f"sent {self.sent} of {self.pool} candidate predictions to Label Studio project "
-            f"{self.project_id} ({arms})"
+            f"{self.project_id} ({arms})" + self.skipped()
         )
 
 
@@ -201,15 +258,18 @@ def push(
     cfg: LabellingConfig,
     *,
     reference: dict[str, np.ndarray] | None = None,
+    storage: CentralStorage | None = None,
 ) -> PushResult:
-    """Select up to `cfg.n` predictions of the model `meta` and send them as tasks."""
+    """Select up to `cfg.n` predictions of the model `meta` and send them as tasks; `storage`
+    is the central storage the service kept images in (CVOPS_SERVICE_STORE_IMAGES=
+    central_storage)."""
     upgrade_schema(engine)
     classes = list(meta.classes)
     pool = candidate_pool(engine, meta.model_name, meta.version, classes, cfg.pool)
     if pool.without_image:
         log.warning(
-            "%d predictions of %s have no stored image and cannot be labelled "
-            "(CVOPS_SERVICE_STORE_IMAGES=false when they were served)",
+            "%d predictions of %s skipped: no stored image, so they cannot be labelled "
+            "(CVOPS_SERVICE_STORE_IMAGES=none when they were served)",
             pool.without_image,
             meta.model_name,
         )
@@ -235,12 +295,17 @@ def push(
     if len(selection) == 0:
         return PushResult(None, 0, {}, len(pool.ids), pool.without_image, strategy)
     picked = [pool.ids[i] for i in selection.indices]
-    with engine.connect() as conn:
-        images = dict(
-            conn.execute(
-                select(Prediction.id, Prediction.input_img).where(Prediction.id.in_(picked))
-            ).all()
+    images, missing = stored_images(engine, picked, storage)
+    if missing:
+        log.warning(
+            "%d of %d picked predictions of %s skipped, their image not read: %s",
+            len(missing),
+            len(picked),
+            meta.model_name,
+            next(iter(missing.values())),
         )
+    if not images:
+        return PushResult(None, 0, {}, len(pool.ids), pool.without_image, strategy, len(missing))
     project = studio.ensure_project(
         project_title(cfg, meta.model_name),
         label_config(classes, cfg.unknown_label),
@@ -251,6 +316,8 @@ def push(
     tasks, rows = [], []
     for index, arm, score in zip(selection.indices, selection.arms, selection.scores, strict=True):
         pid = pool.ids[index]
+        if pid not in images:
+            continue  # not recorded as sent: tried again next push
         confidence = float(pool.probs[index].max())
         predicted = pool.predicted[index]
         tasks.append(
@@ -287,10 +354,16 @@ def push(
     with engine.begin() as conn:
         conn.execute(LabellingTask.__table__.insert(), rows)  # type: ignore[attr-defined]
     arms: dict[str, int] = {}
-    for arm in selection.arms:
-        arms[arm] = arms.get(arm, 0) + 1
+    for row in rows:
+        arms[row["arm"]] = arms.get(row["arm"], 0) + 1
     result = PushResult(
-        int(project["id"]), len(rows), arms, len(pool.ids), pool.without_image, strategy
+        int(project["id"]),
+        len(rows),
+        arms,
+        len(pool.ids),
+        pool.without_image,
+        strategy,
+        len(missing),
     )
     log.info("Label push: %s", result.describe())
     return result
@@ -462,9 +535,14 @@ def apply_to_dataset(
 
 
 def pending_changes(
-    engine: Engine, studio: LabelStudio, model_name: str, cfg: LabellingConfig
+    engine: Engine,
+    studio: LabelStudio,
+    model_name: str,
+    cfg: LabellingConfig,
+    storage: CentralStorage | None = None,
 ) -> list[Change]:
-    """Answers in the model's Label Studio project that differ from the recorded ones."""
+    """Answers in the model's Label Studio project that differ from the recorded ones, with
+    their images (from the row or central storage, as push read them)."""
     project = studio.find_project(project_title(cfg, model_name))
     if project is None:
         log.info("No Label Studio project %r yet: push first", project_title(cfg, model_name))
@@ -495,12 +573,12 @@ def pending_changes(
             Change(record, answer.task_id, answer.annotation_id, answer.updated_at, answer.label)
         )
     if changes:
-        with engine.connect() as conn:
-            wanted = [c.record.prediction_id for c in changes]
-            images = dict(
-                conn.execute(
-                    select(Prediction.id, Prediction.input_img).where(Prediction.id.in_(wanted))
-                ).all()
+        images, missing = stored_images(engine, [c.record.prediction_id for c in changes], storage)
+        if missing:
+            log.warning(
+                "%d labelled images kept out of the dataset, not read: %s",
+                len(missing),
+                next(iter(missing.values())),
             )
         for change in changes:
             change.image = images.get(change.record.prediction_id)
@@ -512,14 +590,16 @@ def pull(
     studio: LabelStudio,
     flow: FlowConfig,
     cfg: LabellingConfig,
+    storage: CentralStorage | None = None,
 ) -> PullResult:
-    """Bring the labels back: feedback rows, the next dataset version, the records."""
+    """Bring the labels back: feedback rows, the next dataset version, the records; `storage`
+    as for `push`."""
     from cvops.data.versioning import commit_version, current_version, ensure_version, list_tags
 
     assert flow.model is not None and flow.dataset is not None
     upgrade_schema(engine)
     classes = flow.model.classes
-    changes = pending_changes(engine, studio, flow.model.model_name, cfg)
+    changes = pending_changes(engine, studio, flow.model.model_name, cfg, storage)
     if not changes:
         result = PullResult(0, 0, 0, 0, 0, None, None)
         log.info("Label pull: %s", result.describe())
