@@ -34,6 +34,7 @@ def test_env_example_holds_the_defaults() -> None:
     example = StackSettings(_env_file=REPO / ".env.example")
     assert example.ports() == StackSettings(_env_file=None).ports()
     assert example.service_max_body_bytes == StackSettings(_env_file=None).service_max_body_bytes
+    assert example.service_store_images == StackSettings(_env_file=None).service_store_images
     assert example.postgres_password is None  # empty secret: generated, not ""
 
 
@@ -184,6 +185,16 @@ def test_webui_port_serves_only_the_page_and_predict(open_state_dir: Path) -> No
             api = f"http://127.0.0.1:{settings.nginx_port}"
             assert httpx.get(api + "/metrics", timeout=10).status_code == 200
             assert upstream.paths()[-1] == "/metrics"
+
+
+def test_store_images_reaches_the_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CVOPS_SERVICE_STORE_IMAGES from `.env` (old spellings too) is the service's setting."""
+    monkeypatch.setenv("CVOPS_SERVICE_STORE_IMAGES", "false")
+    settings = StackSettings(_env_file=None, state_dir=tmp_path)
+    secrets = programs.Secrets("pg", "jupyter", "token")
+    service = next(s for s in programs.services(settings, secrets, REPO) if s.name == "service")
+    assert service.program is not None
+    assert service.program.env["CVOPS_SERVICE_STORE_IMAGES"] == "none"
 
 
 def test_one_body_limit_for_service_and_nginx(

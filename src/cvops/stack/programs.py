@@ -276,7 +276,11 @@ def services(settings: StackSettings, secrets: Secrets, project_dir: Path) -> li
                 ],
                 directory=project_dir,
                 # the one body limit: nginx (both ports) refuses the same bodies up front
-                env={**cvops_env, "CVOPS_SERVICE_MAX_BODY_BYTES": str(s.service_max_body_bytes)},
+                env={
+                    **cvops_env,
+                    "CVOPS_SERVICE_MAX_BODY_BYTES": str(s.service_max_body_bytes),
+                    "CVOPS_SERVICE_STORE_IMAGES": s.service_store_images.value,
+                },
                 stop_wait_secs=40,
             ),
             "Model service (gunicorn)",

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cvops.records.images import ImageStore
 from cvops.service.settings import ServiceSettings
 from cvops.storage import StorageLocation
 
@@ -57,6 +58,12 @@ class StackSettings(BaseSettings):
         validation_alias=AliasChoices("CVOPS_SERVICE_MAX_BODY_BYTES", "service_max_body_bytes"),
         description="Largest request body (bytes): the service's limit and nginx's, both ports",
     )
+    service_store_images: ImageStore = Field(
+        default=ServiceSettings.model_fields["store_images"].default,
+        validation_alias=AliasChoices("CVOPS_SERVICE_STORE_IMAGES", "service_store_images"),
+        description="Where the service keeps uploads and Grad-CAM overlays: db, "
+        "central_storage (images/<model>/<yyyy-mm-dd>/ there) or none",
+    )
     nginx_port: int = _port(8080, "nginx in front of the model service (the API)")
     webui_port: int = _port(4243, "web UI (served through nginx)")
     evidently_ui_port: int = _port(8000, "Evidently UI on the monitor's workspace")
@@ -93,6 +100,11 @@ class StackSettings(BaseSettings):
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("service_store_images", mode="before")
+    @classmethod
+    def _legacy_store_images(cls, value: object) -> object:
+        return ImageStore.parse(value)
 
     @field_validator(
         "postgres_user",
