@@ -3,6 +3,7 @@ image mode, and large images are decoded reduced."""
 
 from __future__ import annotations
 
+import base64
 import io
 
 import cv2
@@ -12,7 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from cvops.model.preprocess import preprocess_image, resize_and_scale
-from cvops.service.images import read_upload
+from cvops.service.images import png_base64, read_upload
 
 LIMIT = 40_000_000
 SIZE = (50, 40)
@@ -132,3 +133,29 @@ def test_large_png_is_reduced_and_its_model_input_stays_close() -> None:
     assert np.abs(served - trained).mean() < 0.001
     small, _ = read_upload(encode(Image.fromarray(pixels[:1500, :2000]), "PNG"), LIMIT, 1024)
     assert small.shape == (1500, 2000, 3)  # under 2x keep_side: full resolution, exact parity
+
+
+@pytest.mark.parametrize("level", [0, 1, 3, 6])
+@pytest.mark.parametrize("shape", [(90, 120), (1, 1), (7, 300)])
+def test_heatmap_png_decodes_to_the_exact_pixels(level: int, shape: tuple[int, int]) -> None:
+    """Our own PNG writer (ISA-L deflate, SUB filter): every decoder reads back the exact
+    pixels in the right channel order, at every compression level."""
+    rng = np.random.default_rng(level)
+    smooth = cv2.resize(rng.random((4, 4, 3)).astype(np.float32), shape[::-1]) * 255
+    noisy = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+    for bgr in (True, False):
+        encoded = base64.b64decode(png_base64(noisy, level, bgr=bgr))
+        with Image.open(io.BytesIO(encoded)) as decoded:
+            assert decoded.format == "PNG" and decoded.mode == "RGB"
+            pil_rgb = np.asarray(decoded)
+        cv_bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+        expected_rgb = noisy[..., ::-1] if bgr else noisy
+        np.testing.assert_array_equal(pil_rgb, expected_rgb)
+        np.testing.assert_array_equal(cv_bgr[..., ::-1], expected_rgb)
+
+
+def test_png_refuses_what_it_cannot_write() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        png_base64(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        png_base64(np.zeros((4, 4, 3), np.float32))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import warnings
+import zlib
 
 import cv2
 import numpy as np
 import tensorflow as tf
+from isal import isal_zlib
 from PIL import Image, UnidentifiedImageError
 
 from cvops.model.preprocess import decode_image
@@ -150,13 +153,37 @@ def fit_within(rgb: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def png_base64(image: np.ndarray, level: int = 1, *, bgr: bool = False) -> str:
-    """Base64 PNG of an RGB (or, with `bgr`, OpenCV-ordered) image. zlib level 1 and the one
-    SUB row filter (instead of trying every filter per row) encode a heatmap pair in about a
-    quarter of the time of PIL's default, for files a few percent larger."""
-    if not bgr:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    sub_filter = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
-    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, level, *sub_filter])
-    if not ok:
-        raise ValueError(f"PNG encoding failed for an image of shape {image.shape}")
-    return base64.b64encode(encoded.tobytes()).decode("ascii")
+    """Base64 PNG of an RGB (or, with `bgr`, OpenCV-ordered) uint8 image.
+
+    Written here rather than by OpenCV or PIL: the SUB row filter in one numpy subtraction and
+    the deflate stream by ISA-L (`isal`) at levels 1-3 encode a 120x90 heatmap pair in about
+    half of OpenCV's time at level 1 with the SUB filter, for files of the same size (zlib's
+    level 1 spends most of its time on the overlay's photo noise). Levels 4-9 use zlib (smaller,
+    slower); 0 stores."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"PNG encoding takes HxWx3 uint8 images, not {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    rgb = image[..., ::-1] if bgr else image
+    flat = rgb.reshape(height, width * 3)
+    rows = np.empty((height, width * 3 + 1), np.uint8)
+    rows[:, 0] = 1  # SUB: each byte minus the byte of the pixel to its left
+    rows[:, 1:4] = flat[:, :3]
+    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:])
+    raw = rows.data
+    compressed = isal_zlib.compress(raw, level) if 1 <= level <= 3 else zlib.compress(raw, level)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    png = b"".join(
+        (PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", compressed), PNG_END)
+    )
+    return base64.b64encode(png).decode("ascii")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    crc = isal_zlib.crc32(data, isal_zlib.crc32(tag))
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+
+PNG_END = _png_chunk(b"IEND", b"")

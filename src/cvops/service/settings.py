@@ -56,7 +56,11 @@ class ServiceSettings(BaseSettings):
         "the workers (`cvops serve` sets it), so workers do not fight over cores",
     )
     png_compression: int = Field(
-        default=1, ge=0, le=9, description="zlib level of the heatmap PNGs (0-9; 1: fast)"
+        default=1,
+        ge=0,
+        le=9,
+        description="deflate level of the heatmap PNGs (0: stored; 1-3: ISA-L, fast; 4-9: "
+        "zlib, smaller and slower)",
     )
     batch_max_size: int = Field(default=32, ge=1, description="most images in one model call")
     batch_max_wait_ms: float = Field(
