@@ -60,6 +60,18 @@ def test_tensorflow_threads_share_the_cores_out() -> None:
     assert tf_threads_per_worker(cores * 4) == 1  # never zero
 
 
+def test_inter_op_threads_are_two_where_two_cores_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cores = usable_cores()
+    assert server.inter_op_threads(1) == min(cores, 2)
+    assert server.inter_op_threads(cores) == cores
+    path = tmp_path / "cpu.max"
+    path.write_text("100000 100000\n")  # a 1-CPU pod: one thread, never more than its quota
+    monkeypatch.setattr(server, "CGROUP_CPU_MAX", path)
+    assert server.inter_op_threads(1) == 1
+
+
 @pytest.mark.parametrize("workers", ["0", "many", "-2"])
 def test_bad_worker_count_is_one_clear_error(workers: str) -> None:
     result = CliRunner().invoke(app, ["serve", "--workers", workers])

@@ -128,20 +128,23 @@ def model_aware_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def limit_threads(threads: int | None) -> None:
+def limit_threads(threads: int | None, inter_op_threads: int | None = None) -> None:
     """Fix TensorFlow's thread pools before its runtime starts (after that they are set), and
     keep BLAS to one thread: its matrices here are tiny (preprocessing), where threads only
     spin."""
     threadpoolctl.threadpool_limits(1, user_api="blas")
-    if threads is None:
+    inter_op_threads = inter_op_threads or threads
+    if threads is None and inter_op_threads is None:
         return
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        if threads is not None:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        if inter_op_threads is not None:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
     except RuntimeError:  # runtime already initialised (an app created twice in one process)
-        log.debug("TensorFlow threads already fixed; %d not applied", threads)
+        log.debug("TensorFlow threads already fixed; %s/%s not applied", threads, inter_op_threads)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -149,7 +152,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limit_threads(settings.tf_threads)
+        limit_threads(settings.tf_threads, settings.tf_inter_op_threads)
         state = ServiceState(settings)
         app.state.svc = state
         await state.start()

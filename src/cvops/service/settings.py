@@ -55,6 +55,12 @@ class ServiceSettings(BaseSettings):
         description="TensorFlow threads per worker (intra-op); None: the cores divided among "
         "the workers (`cvops serve` sets it), so workers do not fight over cores",
     )
+    tf_inter_op_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="TensorFlow inter-op threads per worker (independent ops of the step at "
+        "once: the Grad-CAM gradient beside the UAE and BBSD heads); None: `tf_threads`",
+    )
     png_compression: int = Field(
         default=1,
         ge=0,
