@@ -122,6 +122,22 @@ class Service:
         if not self.running():
             raise self.fail("exited during start-up")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the live processes of its session: the server and its
+        workers, not Postgres or the load generator."""
+        if self.proc is None:
+            return 0.0
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2 :].split()
+            if int(fields[3]) == self.proc.pid:  # session id: start_new_session made it ours
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def fail(self, why: str) -> RuntimeError:
         return RuntimeError(f"{self.name}: {why}; its log ends with:\n{self.log_tail()}")
 
@@ -265,6 +281,7 @@ class Level:
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
+    service_cpu_s: float = float("nan")  # CPU of the service's processes during the level
 
     @property
     def ok(self) -> int:
@@ -274,6 +291,10 @@ class Level:
     def rps(self) -> float:
         """Throughput: responses 200 per second of the level's wall time."""
         return self.ok / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * self.service_cpu_s / self.ok if self.ok else float("nan")
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
@@ -417,9 +438,11 @@ async def run_levels(
     warmups: dict[int, int],
     on_ok: Callable[[Answer], None] | None = None,
     params: dict[str, str] | None = None,
+    service_cpu: Callable[[], float] | None = None,
 ) -> dict[int, Level]:
     """Each level: its warm-up requests (not counted, their 200s still go to `on_ok`), then
-    the measured ones; connections stay open from warm-up to measurement."""
+    the measured ones; connections stay open from warm-up to measurement. `service_cpu`: the
+    service's CPU seconds so far, read before and after each measured level."""
     results = {}
     parts = urllib.parse.urlsplit(url)
     raw = multipart_request(url, image, params)
@@ -430,12 +453,17 @@ async def run_levels(
                 Connection(*connections[0].address()) for _ in range(c - len(connections))
             ]
             warm = await load(connections, raw, c, warmups.get(c, 0), on_ok=on_ok)
+            cpu_before = service_cpu() if service_cpu else float("nan")
             level = await load(connections, raw, c, n, on_ok=on_ok)
+            if service_cpu:
+                level.service_cpu_s = service_cpu() - cpu_before
             results[c] = level
             extra = f", warm-up errors {warm.errors}" if warm.errors else ""
+            cpu = f", service CPU {level.cpu_ms_per_request:.2f} ms/request" if service_cpu else ""
             print(
                 f"  c={c:<3} {level.ok}/{n} ok in {level.seconds:6.1f} s: {level.rps:7.1f} req/s,"
-                f" p50 {level.p50:8.0f} ms, p99 {level.p99:8.0f} ms, errors {level.errors}{extra}"
+                f" p50 {level.p50:8.0f} ms, p99 {level.p99:8.0f} ms, errors {level.errors}"
+                f"{extra}{cpu}"
             )
             for sample in (level.error_samples + warm.error_samples)[:3]:
                 print(f"    error: {sample}")
@@ -585,7 +613,14 @@ def run_reference(
         assert service.proc is not None
         others = OtherCpu({service.proc.pid}, pg)
         levels = asyncio.run(
-            run_levels(f"{base}/predict", image, counts, REFERENCE_WARMUP, on_ok=count_ok)
+            run_levels(
+                f"{base}/predict",
+                image,
+                counts,
+                REFERENCE_WARMUP,
+                on_ok=count_ok,
+                service_cpu=service.cpu_seconds,
+            )
         )
         run = ServiceRun("reference service (1 worker, its design)", levels)
         run.other_cpu = others.share()
@@ -619,33 +654,41 @@ def run_cvops(
     scale: float,
     workers: int,
     extra_env: dict[str, str] | None = None,
+    *,
+    name: str = "cvops",
+    variant: bool = False,
 ) -> ServiceRun:
+    """`cvops serve` through every level, into database `name`, then `?heatmaps=false` at 32
+    unless this is a `variant` of the settings (compared at 32: it runs the same levels before,
+    because a fresh worker's first batches of each size cost more: its kernels warm up)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    state_dir = tmp / "cvops-state"
+    state_dir = tmp / f"{name}-state"
+    database = name
     env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPS_")}
     env.update(
         CENTRAL_STORAGE_PATH=str(storage_root),
         CVOPS_STATE_DIR=str(state_dir),
         CVOPS_SERVICE_ADMIN_TOKEN=ADMIN_TOKEN,
-        CVOPS_SERVICE_DB_URL=pg.create_database("cvops"),
+        CVOPS_SERVICE_DB_URL=pg.create_database(database),
     )
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "cvops.cli", "serve", "--workers", str(workers), "--port"]
     cmd += [str(port), "--model", pkg.metadata_file]
     # cwd: a folder without .env, so only the variables above configure the service
-    cwd = tmp / "cvops-cwd"
+    cwd = tmp / f"{name}-cwd"
     cwd.mkdir()
-    service = Service("cvops", cmd, cwd, env, tmp / "cvops.log")
+    service = Service(name, cmd, cwd, env, tmp / f"{name}.log")
     with contextlib.ExitStack() as stack:
         service.start()
         stack.callback(service.stop)
         started = time.monotonic()
         service.wait_answering(f"{base}/ready")
-        # /ready answers once one worker has loaded the model: wait for every worker's ack
-        acks = state_dir / "service" / "workers"
-        if not wait_for(lambda: len(list(acks.glob("[0-9]*"))) >= workers, 120):
-            print(f"  note: {acks} does not list {workers} workers after 120 s; measuring anyway")
+        # /ready answers once one worker has loaded the model: wait until every worker says
+        # in the model-state table that it serves it
+        serving = "SELECT count(*) FROM replicas WHERE ok AND generation >= 1"
+        if not wait_for(lambda: pg.query(database, serving)[0][0] >= workers, 120):
+            print(f"  note: fewer than {workers} workers serve the model after 120 s; measuring")
         print(f"cvops service ready in {time.monotonic() - started:.0f} s on {base}")
         ids: list[str] = []
         timings: list[dict[str, float]] = []
@@ -659,8 +702,17 @@ def run_cvops(
         counts = {c: max(1, round(n * scale)) for c, n in CVOPS_REQUESTS.items()}
         assert service.proc is not None
         others = OtherCpu({service.proc.pid}, pg)
-        levels = asyncio.run(run_levels(f"{base}/predict", image, counts, CVOPS_WARMUP, collect))
+        levels = asyncio.run(
+            run_levels(
+                f"{base}/predict", image, counts, CVOPS_WARMUP, collect, None, service.cpu_seconds
+            )
+        )
         run = ServiceRun(f"cvops serve --workers {workers}", levels)
+        if variant:
+            run.other_cpu = others.share()
+            run.rows, run.rows_ok = check_cvops_rows(pg, ids, database)
+            run.notes = log_findings(service, ("WORKER TIMEOUT", "Worker exited", "Traceback"))
+            return run
         n_c1 = counts[1] + CVOPS_WARMUP[1]
         c1 = timings[CVOPS_WARMUP[1] : n_c1]  # the measured c=1 requests
         run.timings_ms = (
@@ -687,6 +739,7 @@ def run_cvops(
                         {32: CVOPS_WARMUP[32]},
                         collect,
                         params,
+                        service.cpu_seconds,
                     )
                 )
                 run.no_heatmaps = no_hm[32]
@@ -699,12 +752,12 @@ def run_cvops(
         run.other_cpu = others.share()
         print(f"  other programs used {run.other_cpu:.0f}% of the CPUs meanwhile")
 
-        run.rows, run.rows_ok = check_cvops_rows(pg, ids)
+        run.rows, run.rows_ok = check_cvops_rows(pg, ids, database)
         run.notes = log_findings(service, ("WORKER TIMEOUT", "Worker exited", "Traceback"))
     return run
 
 
-def check_cvops_rows(pg: Postgres, ids: list[str]) -> tuple[str, bool]:
+def check_cvops_rows(pg: Postgres, ids: list[str], database: str = "cvops") -> tuple[str, bool]:
     """Every prediction_id answered with a 200 is in `predictions`, exactly once (the service
     spools records and writes them asynchronously: wait up to ROW_WAIT_S for them)."""
     wanted = set(ids)
@@ -713,7 +766,7 @@ def check_cvops_rows(pg: Postgres, ids: list[str]) -> tuple[str, bool]:
 
     def arrived() -> bool:
         state.clear()
-        state.update(pg.query("cvops", sql))
+        state.update(pg.query(database, sql))
         return wanted <= state.keys()
 
     started = time.monotonic()
@@ -724,7 +777,7 @@ def check_cvops_rows(pg: Postgres, ids: list[str]) -> tuple[str, bool]:
     extra = len(state.keys() - wanted)
     ok = not (missing or repeated_rows or repeated_ids or extra)
     text = (
-        f"cvops: {len(wanted) - missing}/{len(ids)} prediction_ids of responses 200 (warm-ups "
+        f"{database}: {len(wanted) - missing}/{len(ids)} prediction_ids of responses 200 (warm-ups "
         f"included) found in `predictions`; missing {missing}, ids with more than one row "
         f"{repeated_rows}, ids answered twice {repeated_ids}, rows of no response {extra} "
         f"({'every 200 has its row, exactly once' if ok else 'ROW CHECK FAILED'}; "
@@ -741,6 +794,7 @@ class Floor:
     images_per_s: dict[int, float]
     ms_one_image: float
     other_cpu: float
+    property_us: float = float("nan")  # image properties of one model input (issue 16)
 
 
 def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
@@ -769,7 +823,26 @@ def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
             per_call.append((time.perf_counter() - started) / calls)
         seconds_per_call[batch] = statistics.median(per_call)
         rates[batch] = batch / seconds_per_call[batch]
-    return Floor(rates, 1000 * seconds_per_call[1], others.share())
+    return Floor(rates, 1000 * seconds_per_call[1], others.share(), property_cost_us(x, image))
+
+
+def property_cost_us(x: np.ndarray, image: bytes) -> float:
+    """CPU microseconds of the image properties the service's flusher measures per prediction
+    (`input_properties` of the model input), median of repeats in this process."""
+    from PIL import Image
+
+    from cvops.data.properties import input_properties
+
+    width, height = Image.open(io.BytesIO(image)).size
+    for _ in range(50):
+        input_properties(x, width, height)
+    per_call = []
+    for _ in range(7):
+        started = time.process_time()
+        for _ in range(200):
+            input_properties(x, width, height)
+        per_call.append((time.process_time() - started) / 200)
+    return 1e6 * statistics.median(per_call)
 
 
 # --------------------------------------------------------------------------- report
@@ -806,15 +879,17 @@ def table(runs: list[ServiceRun]) -> list[str]:
 
 def levels_table(runs: list[ServiceRun]) -> list[str]:
     lines = [
-        "| service | concurrency | requests | ok | errors | seconds | req/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| service | concurrency | requests | ok | errors | seconds | req/s | p50 ms | p99 ms "
+        "| service CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         extra = [(f"{run.label}, `?heatmaps=false`", run.no_heatmaps)] if run.no_heatmaps else []
         for label, lv in [*((run.label, lv) for lv in run.levels.values()), *extra]:
             lines.append(
                 f"| {label} | {lv.concurrency} | {lv.requests} | {lv.ok} | {lv.errors} | "
-                f"{lv.seconds:.1f} | {fmt(lv.rps)} | {fmt(lv.p50, 0)} | {fmt(lv.p99, 0)} |"
+                f"{lv.seconds:.1f} | {fmt(lv.rps)} | {fmt(lv.p50, 0)} | {fmt(lv.p99, 0)} | "
+                f"{fmt(lv.cpu_ms_per_request, 2)} |"
             )
     return lines
 
@@ -854,6 +929,39 @@ def cvops_source() -> str:
     )
 
 
+def property_section(cv: ServiceRun, floor: Floor, no_props: ServiceRun | None) -> list[str]:
+    """What measuring image properties per prediction (issue 16: drift causes) costs the
+    service at concurrency 32, two ways: the measured function's CPU against the service's CPU
+    per request, and a second service with properties off."""
+    on = cv.levels[32]
+    lines = ["## Cost of the image properties (drift causes)", ""]
+    in_process = floor.property_us / 1000 / on.cpu_ms_per_request
+    lines.append(
+        f"- in process: `input_properties` of the benchmark image's model input takes "
+        f"{floor.property_us:.0f} us of CPU; the service spent {on.cpu_ms_per_request:.2f} ms "
+        f"of CPU per request at c=32, so properties are {100 * in_process:.1f}% of it (the "
+        "service is CPU-bound at c=32: its throughput share is the same)"
+    )
+    share = in_process
+    if no_props is not None and 32 in no_props.levels:
+        off = no_props.levels[32]
+        delta = on.cpu_ms_per_request - off.cpu_ms_per_request
+        lines.append(
+            f"- a second `cvops serve` with `CVOPS_SERVICE_PROPERTY_BUFFER_MB=0` (properties "
+            f"off), c=32, {off.requests} requests: {fmt(off.rps)} req/s and "
+            f"{off.cpu_ms_per_request:.2f} ms of service CPU per request, against "
+            f"{fmt(on.rps)} req/s and {on.cpu_ms_per_request:.2f} ms with them: "
+            f"{delta:+.2f} ms per request ({100 * delta / on.cpu_ms_per_request:+.1f}%), "
+            "within what two identical runs differ by when it is this small"
+        )
+    lines += [
+        "",
+        f"image property cost at concurrency 32: {100 * share:.1f}% of CPU per request",
+        "",
+    ]
+    return lines
+
+
 def report(
     args: argparse.Namespace,
     pkg: Package,
@@ -863,6 +971,7 @@ def report(
     setup_notes: list[str],
     pg_version: str,
     seconds: float,
+    no_props: ServiceRun | None = None,
 ) -> str:
     ref = next((r for r in runs if r.label.startswith("reference")), None)
     cv = next(r for r in runs if r.label.startswith("cvops"))
@@ -934,7 +1043,7 @@ def report(
         "",
         "Every level:",
         "",
-        *levels_table(runs),
+        *levels_table(runs + ([no_props] if no_props else [])),
         "",
         "## Compute floor (the compiled inference step in the benchmark process, no HTTP)",
         "",
@@ -950,8 +1059,9 @@ def report(
     if cv.timings_ms:
         stages = ", ".join(f"{k} {v:.1f} ms" for k, v in cv.timings_ms.items())
         out += [f"cvops server-side `timings_ms` at c=1 (median): {stages}.", ""]
+    out += property_section(cv, floor, no_props)
     out += ["## Every 200 has its row in `predictions`", ""]
-    out += [f"- {run.rows}" for run in runs]
+    out += [f"- {run.rows}" for run in runs + ([no_props] if no_props else [])]
     out += [
         "",
         "## Settings that differ from the reference's defaults",
@@ -1100,19 +1210,33 @@ def main(argv: list[str] | None = None) -> int:
                 args.cvops_env,
             )
         )
+        print("cvops serve, image properties off (CVOPS_SERVICE_PROPERTY_BUFFER_MB=0):")
+        no_props = run_cvops(
+            storage_root,
+            pg,
+            tmp,
+            pkg,
+            image,
+            args.requests_scale,
+            args.workers,
+            {**args.cvops_env, "CVOPS_SERVICE_PROPERTY_BUFFER_MB": "0"},
+            name="cvops_no_properties",
+            variant=True,
+        )
+        no_props.label += ", image properties off"
         pg.stop()
         print("compute floor (services stopped) ...")
         floor = compute_floor(storage_root, pkg, image)
         setup_notes.append(f"at the end {os.getloadavg()[0]:.2f} (1-minute averages)")
         seconds = time.monotonic() - began
-        text = report(args, pkg, image, runs, floor, setup_notes, pg.version, seconds)
+        text = report(args, pkg, image, runs, floor, setup_notes, pg.version, seconds, no_props)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print()
     print(text)
     print(f"wrote {args.output} ({seconds:.0f} s)")
-    return 0 if all(run.rows_ok and not run.errors for run in runs) else 1
+    return 0 if all(run.rows_ok and not run.errors for run in [*runs, no_props]) else 1
 
 
 if __name__ == "__main__":
