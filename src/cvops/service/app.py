@@ -95,7 +95,7 @@ class RequestLogMiddleware:
         except Exception:  # the answer is ready; say loudly that its record is not
             log.exception("request records could not be spooled (%s)", path)
         if prediction is not None:
-            state.metrics.stage.labels("spool").observe(time.perf_counter() - spooling)
+            state.metrics.stages["spool"].observe(time.perf_counter() - spooling)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -31,7 +31,7 @@ class BadImage(ValueError):
 
 
 def read_upload(
-    data: bytes, max_pixels: int, keep_side: int | None = None
+    data: bytes, max_pixels: int, keep_side: int | None = None, opened: Image.Image | None = None
 ) -> tuple[np.ndarray, str]:
     """Decode and check an upload: (RGB uint8 pixels, format). Raises BadImage.
 
@@ -40,11 +40,11 @@ def read_upload(
     the overlay both come from the pixels training would see; other formats by PIL. An image at
     least twice `keep_side` on its longest side is decoded reduced (JPEG: DCT scaling) and
     box-reduced by an integer factor to a longest side in [keep_side, 2 * keep_side): a legal
-    40 Mpx upload then never lives in memory as more than its one 8-bit decode.
+    40 Mpx upload then never lives in memory as more than its one 8-bit decode. `opened`: what
+    `open_upload` returned for `data` (its header is then not parsed again).
     """
-    if not data:
-        raise BadImage("empty file: the upload has no bytes")
-    image, fmt = _open_checked(data, max_pixels)
+    image = opened if opened is not None else open_upload(data, max_pixels)
+    fmt = image.format or "unknown"
     factor = 1 if keep_side is None else max(image.size) // keep_side
     rgb = _tf_decode(data, fmt, factor) if fmt in TF_DECODABLE else None
     if rgb is None:  # not a format training reads, or one of its variants TF cannot decode
@@ -53,15 +53,11 @@ def read_upload(
     return (rgb if keep_side is None else _reduce(rgb, keep_side)), fmt
 
 
-def upload_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone (no decode); (0, 0) when it cannot be read (then
-    `read_upload` fails fast with the reason)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data)).size
-    except Exception:  # any unreadable upload: read_upload names the problem
-        return 0, 0
+def open_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """The upload's header, checked (format, size; nothing decoded yet). Raises BadImage."""
+    if not data:
+        raise BadImage("empty file: the upload has no bytes")
+    return _open_checked(data, max_pixels)[0]
 
 
 def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:

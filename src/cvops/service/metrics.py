@@ -55,6 +55,8 @@ class ServiceMetrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        # looked up once: a label lookup costs what an observation does, and /predict makes five
+        self.stages = {name: self.stage.labels(name) for name in STAGES}
         self.model_info = Gauge(
             "cvops_model_info",
             "Model served by each worker",

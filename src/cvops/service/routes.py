@@ -16,9 +16,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
 
 from cvops.model.gradcam import blend, colorize_bgr, heatmap_to_image
-from cvops.service.images import BadImage, fit_within, png_base64, read_upload, upload_size
+from cvops.service.images import BadImage, fit_within, open_upload, png_base64, read_upload
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.recording import feedback_record
 from cvops.service.schemas import (
@@ -94,12 +95,12 @@ async def ready(state: State) -> Health:
 
 
 def _prepare(
-    data: bytes, model: LoadedModel, max_pixels: int, heatmap_side: int
+    data: bytes, opened: Image.Image, model: LoadedModel, max_pixels: int, heatmap_side: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image the heatmaps are drawn on (BGR), model input), both from one decode of the upload:
     the model input through the shared `resize_and_scale`, the picture at most `heatmap_side` on
     its longest side. The full decode is dropped here, before the request waits for its batch."""
-    rgb, _ = read_upload(data, max_pixels, keep_side=max(heatmap_side, *model.size))
+    rgb, _ = read_upload(data, max_pixels, max(heatmap_side, *model.size), opened)
     return cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR), model.prepare(rgb)
 
 
@@ -149,12 +150,14 @@ async def predict(
         raise HTTPException(503, "no model loaded yet")
     started = time.perf_counter()
     data = await file.read()
-    width, height = upload_size(data)
     try:
+        opened = open_upload(data, state.settings.max_image_pixels)  # the header: cheap
+        width, height = opened.size
         bgr, x = await _run_sized(
             width * height,
             _prepare,
             data,
+            opened,
             model,
             state.settings.max_image_pixels,
             state.settings.heatmap_max_side,
@@ -192,12 +195,12 @@ async def predict(
         },
     )
     state.metrics.predictions.labels(model.name, predicted).inc()
-    stage = state.metrics.stage
-    stage.labels("preprocess").observe(prepared - started)
-    stage.labels("queue").observe(max(0.0, inferred - prepared - result.step_s))
-    stage.labels("inference").observe(result.step_s)
+    stages = state.metrics.stages
+    stages["preprocess"].observe(prepared - started)
+    stages["queue"].observe(max(0.0, inferred - prepared - result.step_s))
+    stages["inference"].observe(result.step_s)
     if heatmaps:
-        stage.labels("render").observe(rendered - inferred)
+        stages["render"].observe(rendered - inferred)
     # image properties: measured by the spool flusher, off the request path
     state.recorder.keep_input(prediction_id, x, width, height)
     stored = data if state.settings.keeps_images else None  # central storage: the flusher
