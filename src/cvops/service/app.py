@@ -24,6 +24,7 @@ from cvops.service.limits import BodyLimitMiddleware, BodyTooLarge, body_too_lar
 from cvops.service.routes import router
 from cvops.service.settings import ServiceSettings
 from cvops.service.state import ServiceState
+from cvops.service.uploads import UPLOAD_SCHEMA, UPLOAD_SCHEMA_NAME
 from cvops.service.webui import router as webui_router
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,11 @@ def model_aware_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
     def openapi() -> dict[str, Any]:
         schema = static()
+        # /predict reads its multipart body itself (cvops.service.uploads); FastAPI's cached
+        # schema gets the body's component once
+        schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+            UPLOAD_SCHEMA_NAME, UPLOAD_SCHEMA
+        )
         state: ServiceState | None = getattr(app.state, "svc", None)
         model = state.model if state is not None else None
         if model is None:

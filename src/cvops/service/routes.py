@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, Depends, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
@@ -36,6 +36,7 @@ from cvops.service.state import (
     ModelStateUnavailable,
     ServiceState,
 )
+from cvops.service.uploads import OPENAPI_BODY, UploadError, multipart_field
 
 router = APIRouter()
 T = TypeVar("T")
@@ -124,18 +125,17 @@ def _render(bgr: np.ndarray, result: InferenceResult, png_level: int) -> tuple[s
     )
 
 
-@router.post("/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"])
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    tags=["predict"],
+    openapi_extra=OPENAPI_BODY,
+)
 @router.post("/predict/", response_model=PredictResponse, include_in_schema=False)
 async def predict(
     request: Request,
     state: State,
-    file: Annotated[
-        UploadFile,
-        File(
-            description="image (JPEG, PNG, BMP, GIF, WebP, TIFF), not empty",
-            json_schema_extra={"format": "binary", "minLength": 1},
-        ),
-    ],
     heatmaps: Annotated[
         bool,
         Query(
@@ -149,7 +149,10 @@ async def predict(
     if model is None:
         raise HTTPException(503, "no model loaded yet")
     started = time.perf_counter()
-    data = await file.read()
+    try:
+        data = multipart_field(await request.body(), request.headers.get("content-type"))
+    except UploadError as err:
+        raise HTTPException(422, str(err)) from None
     try:
         opened = open_upload(data, state.settings.max_image_pixels)  # the header: cheap
         width, height = opened.size
