@@ -11,8 +11,9 @@ One run, on this machine, loopback only (issue 14, item 1):
    generator at concurrency 1, 8 and 32 with the same 120x90 JPEG; cvops also at 32 without
    heatmaps when the service supports `POST /predict?heatmaps=false`;
 4. after each service's load: every 200 must have its row in its `predictions` table;
-5. with the services stopped, the compute floor: images/s of the compiled inference step
-   (`LoadedModel.infer`: probs + Grad-CAM + UAE + BBSD + hidden) in this process, no HTTP.
+5. with no service running (before them and again after them, averaged), the compute floor:
+   images/s of the compiled inference step (`LoadedModel.infer`: probs + Grad-CAM + UAE + BBSD
+   + hidden) in this process, no HTTP.
 
 Prints a table and writes `benchmarks/results/serve.md`. Everything it starts (services,
 Postgres, temporary folders) is stopped and removed at exit, on errors and Ctrl-C too.
@@ -795,6 +796,20 @@ class Floor:
     ms_one_image: float
     other_cpu: float
     property_us: float = float("nan")  # image properties of one model input (issue 16)
+    parts: tuple[Floor, ...] = ()  # the measurements this one averages
+
+
+def mean_floor(*floors: Floor) -> Floor:
+    """The floor measured before and after the services, averaged: the machine's speed drifts
+    within a run (the batch-1 step moved between 3.1 and 4.7 ms from run to run here), and
+    the services ran in between."""
+    return Floor(
+        {b: statistics.mean(f.images_per_s[b] for f in floors) for b in floors[0].images_per_s},
+        statistics.mean(f.ms_one_image for f in floors),
+        max(f.other_cpu for f in floors),
+        statistics.mean(f.property_us for f in floors),
+        floors,
+    )
 
 
 def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
@@ -929,6 +944,19 @@ def cvops_source() -> str:
     )
 
 
+def floor_drift(floor: Floor) -> list[str]:
+    if len(floor.parts) != 2:
+        return []
+    before, after = floor.parts
+    drift = 100 * (after.images_per_s[32] / before.images_per_s[32] - 1)
+    return [
+        f"- before / after the services: batch 1 {before.ms_one_image:.2f} / "
+        f"{after.ms_one_image:.2f} ms, batch 32 {before.images_per_s[32]:.0f} / "
+        f"{after.images_per_s[32]:.0f} img/s ({drift:+.0f}%: how much the machine's speed "
+        "drifted within this run)"
+    ]
+
+
 def property_section(cv: ServiceRun, floor: Floor, no_props: ServiceRun | None) -> list[str]:
     """What measuring image properties per prediction (issue 16: drift causes) costs the
     service at concurrency 32, two ways: the measured function's CPU against the service's CPU
@@ -995,8 +1023,8 @@ def report(
         f"Written by `benchmarks/serve.py` (`make bench-serve`) on "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {cvops_source()}; the whole run took "
         f"{seconds:.0f} s. One run: the services one after the other (never at the same time), "
-        "then the compute floor with both stopped. Absolute numbers depend on the machine; "
-        "the ratios much less.",
+        "and the compute floor before and after them, with no service running. Absolute numbers "
+        "depend on the machine; the ratios much less.",
         "",
         "## Setup",
         "",
@@ -1050,11 +1078,13 @@ def report(
         "",
         "`cvops.service.model_store.load_model` on the same package, `LoadedModel.infer` on the "
         "benchmark image preprocessed as the service does; median of 7 repeats after warm-up, "
-        "services stopped.",
+        "no service running; measured before the services and again after them, and the two "
+        "averaged (the ratios below use the average).",
         "",
         f"- batch 1: {floor.ms_one_image:.2f} ms per image ({floor.images_per_s[1]:.0f} img/s)",
         f"- batch 8: {floor.images_per_s[8]:.0f} img/s",
         f"- batch 32: {floor.images_per_s[32]:.0f} img/s",
+        *floor_drift(floor),
         "",
     ]
     if cv.timings_ms:
@@ -1185,6 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"package {pkg.metadata_file}: {pkg.description} ({time.monotonic() - t:.0f} s)")
         image = demo_image()
 
+        print("compute floor, before the services ...")
+        floor_before = compute_floor(storage_root, pkg, image)
         pg = Postgres(tmp / "postgres")
         stack.callback(pg.stop)
         pg.start()
@@ -1226,8 +1258,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         no_props.label += ", image properties off"
         pg.stop()
-        print("compute floor (services stopped) ...")
-        floor = compute_floor(storage_root, pkg, image)
+        print("compute floor, after the services ...")
+        floor = mean_floor(floor_before, compute_floor(storage_root, pkg, image))
         setup_notes.append(f"at the end {os.getloadavg()[0]:.2f} (1-minute averages)")
         seconds = time.monotonic() - began
         text = report(args, pkg, image, runs, floor, setup_notes, pg.version, seconds, no_props)
