@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import io
 import json
 import os
@@ -1230,28 +1231,13 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(
                 run_reference(args.baseline, storage_root, pg, tmp, pkg, image, args.requests_scale)
             )
-        print(f"cvops serve --workers {args.workers}:")
-        runs.append(
-            run_cvops(
-                storage_root,
-                pg,
-                tmp,
-                pkg,
-                image,
-                args.requests_scale,
-                args.workers,
-                args.cvops_env,
-            )
+        cvops = functools.partial(
+            run_cvops, storage_root, pg, tmp, pkg, image, args.requests_scale, args.workers
         )
+        print(f"cvops serve --workers {args.workers}:")
+        runs.append(cvops(args.cvops_env))
         print("cvops serve, image properties off (CVOPS_SERVICE_PROPERTY_BUFFER_MB=0):")
-        no_props = run_cvops(
-            storage_root,
-            pg,
-            tmp,
-            pkg,
-            image,
-            args.requests_scale,
-            args.workers,
+        no_props = cvops(
             {**args.cvops_env, "CVOPS_SERVICE_PROPERTY_BUFFER_MB": "0"},
             name="cvops_no_properties",
             variant=True,
