@@ -1,7 +1,7 @@
 """Where a `cvops serve` worker's CPU goes under load: CPU milliseconds per request for every
 thread of the workers (named: the service's Python threads get their names as OS thread names
 through a sitecustomize on the workers' PYTHONPATH), Postgres and the load generator, at one
-concurrency; optionally a py-spy profile (GIL holders only) of the first worker.
+concurrency; optionally py-spy profiles (GIL holders only), one file per worker pid.
 
 Reuses `benchmarks/serve.py`'s package, Postgres, service and load generator, so its figures
 compare with `make bench-serve`. Absolute numbers depend on what else runs on the machine: run
@@ -85,7 +85,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=800)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-heatmaps", action="store_true", help="POST /predict?heatmaps=false")
-    parser.add_argument("--py-spy", type=Path, help="write a raw py-spy profile of worker 1")
+    parser.add_argument(
+        "--py-spy", type=Path, help="write raw py-spy profiles, one per worker: PATH.<pid>"
+    )
     parser.add_argument("--work", type=Path, help="keep the package here between runs")
     return parser.parse_args()
 
@@ -140,18 +142,22 @@ def main() -> int:
         }
         before = {name: process_cpu(procs) for name, procs in groups.items()}
         threads_before = thread_cpu([w.pid for w in workers])
-        spy = None
-        if args.py_spy:
+        spies = []
+        for worker in workers if args.py_spy else []:
             spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "250"]
-            spy_cmd += ["-f", "raw", "-o", str(args.py_spy), "-p", str(workers[0].pid)]
-            spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out = f"{args.py_spy}.{worker.pid}"
+            spy_cmd += ["-f", "raw", "-o", out, "-p", str(worker.pid)]
+            spies.append(
+                subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        if spies:
             time.sleep(1)
         started = time.perf_counter()
         level = asyncio.run(
             bench.run_levels(url, image, {conc: args.requests}, {conc: 0}, None, params)
         )[conc]
         wall = time.perf_counter() - started
-        if spy is not None:
+        for spy in spies:
             spy.send_signal(2)
             spy.wait(60)
         groups["postgres"] = postgres_processes()

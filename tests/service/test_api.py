@@ -186,6 +186,60 @@ def test_predict_without_heatmaps(client, settings) -> None:
     assert rows[lean["prediction_id"]] is None and rows[full["prediction_id"]]
 
 
+def test_direct_lane_answers_as_the_route(client, settings, monkeypatch) -> None:
+    """An ordinary `POST /predict` skips FastAPI's stack (`ServiceApp`'s direct lane); its
+    answer, records and metrics are the route's. Anything else still goes through the stack,
+    once: a bad upload gets the route's 4xx and one api_log row."""
+    from fastapi import FastAPI
+
+    stack_calls: list[str] = []
+    through_stack = FastAPI.__call__
+
+    async def counted(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        stack_calls.append(scope["path"] + "?" + scope["query_string"].decode())
+        await through_stack(self, scope, receive, send)
+
+    monkeypatch.setattr(FastAPI, "__call__", counted)
+    upload = {"file": ("x.png", image_bytes(seed=5))}
+    answers = {
+        "lane": client.post("/predict", files=upload),
+        "lane, no heatmaps": client.post("/predict?heatmaps=false", files=upload),
+        "route": client.post("/predict/", files=upload),
+        "route, no heatmaps": client.post("/predict/?heatmaps=0", files=upload),
+    }
+    bad = client.post("/predict", files={"file": ("x.jpg", b"not an image", "image/jpeg")})
+    assert stack_calls == ["/predict/?", "/predict/?heatmaps=0", "/predict?"]
+    assert bad.status_code == 422 and "not an image" in bad.json()["detail"]
+    for name, answer in answers.items():
+        assert answer.status_code == 200, name
+        assert answer.headers["content-type"] == "application/json", name
+        assert answer.headers["x-cvops-worker"] == str(os.getpid()), name
+    bodies = {name: answer.json() for name, answer in answers.items()}
+    for body in bodies.values():
+        del body["timings_ms"]
+    ids = {name: body.pop("prediction_id") for name, body in bodies.items()}
+    assert bodies["lane"] == bodies["route"] and bodies["lane"]["raw_hm_img"]
+    assert bodies["lane, no heatmaps"] == bodies["route, no heatmaps"]
+    assert bodies["lane, no heatmaps"]["overlaid_img"] is None
+    url = settings.resolved_db_url
+    assert wait_for_rows(url, "predictions", 4) == 4
+    assert wait_for_rows(url, "api_log", 5) == 5
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        logged = conn.execute(text("SELECT url, status, prediction_id FROM api_log")).all()
+        stored = {r[0] for r in conn.execute(text("SELECT id FROM predictions")).all()}
+    engine.dispose()
+    assert stored == set(ids.values())
+    assert sorted((u, s) for u, s, _ in logged) == sorted(
+        [("/predict", 200)] * 2 + [("/predict/", 200)] * 2 + [("/predict", 422)]
+    )
+    assert {p for *_, p in logged if p} == set(ids.values())
+    metrics = client.get("/metrics").text
+    for route, status, count in (("/predict", 200, 2), ("/predict/", 200, 2), ("/predict", 422, 1)):
+        line = f'cvops_requests_total{{method="POST",route="{route}",status="{status}"}}'
+        assert f"{line} {count}.0" in metrics, line
+
+
 def test_not_ready_without_model(settings, tmp_path) -> None:
     from fastapi.testclient import TestClient
 

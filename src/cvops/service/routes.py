@@ -145,12 +145,25 @@ async def predict(
     ] = True,
 ) -> Response:
     """Class probabilities, Grad-CAM heatmap, UAE and BBSD features for one image."""
+    payload, record = await predict_payload(
+        state, await request.body(), request.headers.get("content-type"), heatmaps
+    )
+    request.state.prediction_record = record
+    return Response(payload, media_type="application/json")
+
+
+async def predict_payload(
+    state: ServiceState, body: bytes, content_type: str | None, heatmaps: bool
+) -> tuple[bytes, dict[str, Any]]:
+    """(JSON answer, `predictions` record) of one upload: the whole of `/predict` but the HTTP
+    around it, shared by the route and the service's direct lane (`cvops.service.lane`).
+    Raises HTTPException (4xx, 503) before any inference, never after."""
     model = state.model
     if model is None:
         raise HTTPException(503, "no model loaded yet")
     started = time.perf_counter()
     try:
-        data = multipart_field(await request.body(), request.headers.get("content-type"))
+        data = multipart_field(body, content_type)
     except UploadError as err:
         raise HTTPException(422, str(err)) from None
     try:
@@ -207,9 +220,8 @@ async def predict(
     # image properties: measured by the spool flusher, off the request path
     state.recorder.keep_input(prediction_id, x, width, height)
     stored = data if state.settings.keeps_images else None  # central storage: the flusher
-    request.state.prediction_record = prediction_record(response, stored)
     # serialised once by pydantic: FastAPI would validate the model again, then dump it
-    return Response(response.model_dump_json(), media_type="application/json")
+    return response.model_dump_json().encode(), prediction_record(response, stored)
 
 
 def prediction_record(response: PredictResponse, data: bytes | None) -> dict[str, Any]:
