@@ -89,7 +89,7 @@ def _tf_decode(data: bytes, fmt: str, factor: int) -> np.ndarray | None:
         if fmt == "JPEG" and factor >= 2:
             ratio = max(r for r in (1, 2, 4, 8) if r <= factor)
             return np.asarray(tf.io.decode_jpeg(data, channels=3, ratio=ratio))
-        return np.asarray(decode_image(data))
+        return np.asarray(decode_image(tf.constant(data)))  # a tensor: the op's fast path
     except tf.errors.OpError:
         return None
 
