@@ -21,13 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cvops import __version__
 from cvops.service.limits import BodyLimitMiddleware, BodyTooLarge, body_too_large_handler
-from cvops.service.routes import (
-    answer,
-    draw_heatmaps,
-    infer_upload,
-    prediction_record,
-    router,
-)
+from cvops.service.routes import predict_payload, router
 from cvops.service.settings import ServiceSettings
 from cvops.service.state import ServiceState
 from cvops.service.uploads import UPLOAD_SCHEMA, UPLOAD_SCHEMA_NAME
@@ -67,21 +61,6 @@ class RequestLogMiddleware:
         await self.app(scope, receive, send_logged)
 
 
-def api_log_record(
-    scope: Scope, status: int, elapsed: float, prediction_id: str | None
-) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "method": scope["method"],
-        "url": scope["path"],
-        "status": status,
-        "message": None,
-        "timespan": elapsed,
-        "created_on": dt.datetime.now(dt.UTC).isoformat(),
-        "prediction_id": prediction_id,
-    }
-
-
 async def account(
     scope: Scope, route: str, request_state: dict[str, Any], status: int, elapsed: float
 ) -> None:
@@ -98,8 +77,21 @@ async def account(
     if prediction is not None:
         records.append(("prediction", prediction))
     records.extend(request_state.get("extra_records", []))
-    prediction_id = prediction["id"] if prediction else None
-    records.append(("api_log", api_log_record(scope, status, elapsed, prediction_id)))
+    records.append(
+        (
+            "api_log",
+            {
+                "id": str(uuid.uuid4()),
+                "method": scope["method"],
+                "url": path,
+                "status": status,
+                "message": None,
+                "timespan": elapsed,
+                "created_on": dt.datetime.now(dt.UTC).isoformat(),
+                "prediction_id": prediction["id"] if prediction else None,
+            },
+        )
+    )
     # On disk before the answer leaves: a worker killed after answering loses nothing.
     spooling = time.perf_counter()
     try:
@@ -119,10 +111,10 @@ class ServiceApp(FastAPI):
 
     Routing, the middleware stack, dependency solving and Request/Response objects cost ~0.7
     ms of CPU per request (issue 14), as much as a fifth of a request's share of the compute
-    floor. The lane answers an ordinary upload itself, through the same steps as the route
-    (`infer_upload`, `draw_heatmaps`, `answer`, `prediction_record`); anything else (an error,
-    a body over the limit, another query) is handed to the full stack with the body replayed,
-    so every answer but the ordinary one comes from the route and its middleware unchanged."""
+    floor. The lane answers an ordinary upload itself, through the same `predict_payload` and
+    `account` as the route; anything else (an error, a body over the limit, another query)
+    is handed to the full stack with the body replayed, so every answer but the ordinary
+    one comes from the route and its middleware unchanged."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -172,41 +164,15 @@ class ServiceApp(FastAPI):
                 break
         body = b"".join(m.get("body", b"") for m in received)
         try:
-            inferred = await infer_upload(state, body, content_type)
+            payload, record = await predict_payload(
+                state, body, content_type, LANE_QUERIES[scope["query_string"]]
+            )
         except HTTPException:  # a bad upload, no model yet: the route gives the same answer
             await super().__call__(scope, replayed, send)
             return
-        heatmaps = LANE_QUERIES[scope["query_string"]]
-        # The records go to disk while the heatmaps are drawn (each about half a millisecond,
-        # one after the other in the route): the spooled prediction carries what its pictures
-        # are drawn from, and gets them from memory when the flusher writes it
-        # (`cvops.service.heatmaps`); the api_log row gets its final timespan the same way.
-        deferring = heatmaps and state.settings.keeps_images
-        record = prediction_record(state, inferred, None, deferred_pictures=deferring)
-        api_log = api_log_record(scope, 200, time.perf_counter() - started, record["id"])
-        spooling = time.perf_counter()
-        records = [("prediction", record), ("api_log", api_log)]
-        committed = asyncio.wrap_future(state.recorder.submit(records))
-        try:
-            pictures = await draw_heatmaps(state, inferred) if heatmaps else None
-            payload = answer(state, inferred, pictures)
-        except BaseException:
-            state.recorder.amend(api_log["id"], {"status": 500})
-            raise
-        if deferring and pictures is not None:
-            state.recorder.amend(
-                record["id"], {"raw_hm_img": pictures[0], "overlaid_img": pictures[1]}
-            )
+        scope["app"] = self
         elapsed = time.perf_counter() - started
-        state.recorder.amend(api_log["id"], {"timespan": elapsed})
-        try:
-            await committed  # a 200 leaves only once its rows are on disk
-        except Exception:  # the answer is ready; say loudly that its record is not
-            log.exception("request records could not be spooled (%s)", scope["path"])
-        metrics = state.metrics
-        metrics.stages["spool"].observe(time.perf_counter() - spooling)
-        metrics.requests.labels("POST", "/predict", "200").inc()
-        metrics.latency.labels("/predict").observe(elapsed)
+        await account(scope, "/predict", {"prediction_record": record}, 200, elapsed)
         headers = [
             (b"content-length", str(len(payload)).encode()),
             (b"content-type", b"application/json"),

@@ -64,7 +64,6 @@ from cvops.records.schema import (
     private_file,
     upgrade_schema,
 )
-from cvops.service.heatmaps import HEATMAP_KEY, redraw
 from cvops.storage import CentralStorage, StoragePathError
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,6 @@ DATETIME_FIELDS = ("created_on",)
 URL_FIELDS = ("url",)
 DEAD_LETTER_FILE = "dead_letters.jsonl"
 ORPHAN_SCAN_S = 5.0  # how often a flusher looks for spools left by a stopped worker
-AMENDMENT_MAX_AGE_S = 60.0  # an amendment for a record written before it arrived is dropped
 # SQLSTATE classes worth retrying the same batch for: connection exception, transaction
 # rollback (deadlock, serialization), insufficient resources, operator intervention (shutdown),
 # system error. Anything else is about the records themselves.
@@ -315,10 +313,6 @@ class Recorder:
         self.image_storage = image_storage
         self._fsync = fsync
         self._images_stored: set[str] = set()
-        # record id -> (fields known only after it was spooled, when, bytes), until written
-        self._amendments: dict[str, tuple[dict[str, Any], float, int]] = {}
-        self._amendments_bytes = 0
-        self.amendments_dropped = 0
 
     def submit(self, records: list[tuple[str, dict[str, Any]]]) -> Future[None]:
         """Queue one request's records for the spool; the future is done once they are on
@@ -338,49 +332,6 @@ class Recorder:
             self._inputs[prediction_id] = (x, width, height, time.monotonic())
             self._inputs_bytes += x.nbytes
 
-    def amend(self, record_id: str, fields: dict[str, Any]) -> None:
-        """Fields of a spooled record known only after it was spooled (a prediction's heatmap
-        pictures, drawn while its record was committed; an api_log row's final timespan),
-        applied when the flusher writes it. Best effort by design: a record written first, a
-        spool adopted from a dead worker, or the memory bound (the size of `keep_input`'s)
-        leaves the record as spooled, whose pictures the flusher then draws again."""
-        size = sum(len(v) for v in fields.values() if isinstance(v, str))
-        with self._inputs_lock:
-            old = self._amendments.pop(record_id, None)
-            if old is not None:
-                self._amendments_bytes -= old[2]
-                fields = {**old[0], **fields}
-                size += old[2]
-            if self._amendments_bytes + size > self._inputs_limit:
-                self.amendments_dropped += 1
-                return
-            self._amendments[record_id] = (fields, time.monotonic(), size)
-            self._amendments_bytes += size
-
-    def _complete(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        """Apply the amendments held for the batch's records, and draw the pictures of a
-        prediction spooled without them whose amendment never came."""
-        with self._inputs_lock:
-            for _, payload in records:
-                held = self._amendments.get(str(payload.get("id")))
-                if held is not None:
-                    payload.update(held[0])
-        for kind, payload in records:
-            if kind != "prediction" or HEATMAP_KEY not in payload:
-                continue
-            if not payload.get("overlaid_img") and payload.get("input_img"):
-                try:
-                    payload["raw_hm_img"], payload["overlaid_img"] = redraw(payload)
-                except Exception:  # pictures are never worth a lost prediction row
-                    log.exception("heatmaps of prediction %s could not be drawn", payload["id"])
-            del payload[HEATMAP_KEY]
-
-    def _prune_amendments(self) -> None:
-        cutoff = time.monotonic() - AMENDMENT_MAX_AGE_S
-        with self._inputs_lock:
-            for key in [k for k, held in self._amendments.items() if held[1] < cutoff]:
-                self._amendments_bytes -= self._amendments.pop(key)[2]
-
     def _prune_inputs(self, max_age_s: float = 60.0) -> None:
         """Drop inputs held for long while this worker's spool is empty: their requests never
         spooled a record (failed after inference), so no flush would release them."""
@@ -392,12 +343,9 @@ class Recorder:
                 self._inputs_bytes -= self._inputs.pop(key)[0].nbytes
 
     def _release_inputs(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        """Forget the inputs and amendments of records now written (or dead-lettered)."""
+        """Forget the inputs of predictions now written (or dead-lettered)."""
         with self._inputs_lock:
             for kind, payload in records:
-                amendment = self._amendments.pop(str(payload.get("id")), None)
-                if amendment is not None:
-                    self._amendments_bytes -= amendment[2]
                 if kind == "prediction":
                     held = self._inputs.pop(str(payload.get("id")), None)
                     if held is not None:
@@ -568,7 +516,6 @@ class Recorder:
         moved = 0
         while batch := spool.take(self.batch_size):
             records = [(kind, payload) for _, kind, payload in batch]
-            self._complete(records)
             self._add_properties(records)
             if self.image_storage is not None:
                 self._store_images(records)
@@ -669,7 +616,6 @@ class Recorder:
         if time.monotonic() < self._next_orphan_scan:
             return
         self._next_orphan_scan = time.monotonic() + ORPHAN_SCAN_S
-        self._prune_amendments()
         for orphan in self._orphans():
             try:
                 moved = self._flush_spool(orphan)

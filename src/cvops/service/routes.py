@@ -9,17 +9,17 @@ import hmac
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
+import cv2
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 
-from cvops.service import heatmaps as heatmap_pictures
-from cvops.service.images import BadImage, open_upload
+from cvops.model.gradcam import blend, colorize_bgr, heatmap_to_image
+from cvops.service.images import BadImage, fit_within, open_upload, png_base64, read_upload
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.recording import feedback_record
 from cvops.service.schemas import (
@@ -101,9 +101,8 @@ def _prepare(
     """(image the heatmaps are drawn on (BGR), model input), both from one decode of the upload:
     the model input through the shared `resize_and_scale`, the picture at most `heatmap_side` on
     its longest side. The full decode is dropped here, before the request waits for its batch."""
-    keep_side = max(heatmap_side, *model.size)
-    bgr, rgb = heatmap_pictures.picture(data, opened, max_pixels, keep_side, heatmap_side)
-    return bgr, model.prepare(rgb)
+    rgb, _ = read_upload(data, max_pixels, max(heatmap_side, *model.size), opened)
+    return cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR), model.prepare(rgb)
 
 
 async def _run_sized(pixels: int, fn: Callable[..., T], *args: Any) -> T:
@@ -115,28 +114,50 @@ async def _run_sized(pixels: int, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-@dataclass
-class Inferred:
-    """One upload through the model, before its heatmap pictures are drawn."""
-
-    model: LoadedModel
-    data: bytes
-    bgr: np.ndarray  # the picture the heatmaps are drawn on
-    x: np.ndarray  # the model input
-    width: int
-    height: int
-    result: InferenceResult
-    prediction_id: str
-    prediction: dict[str, float]
-    predicted_class: str
-    started: float
-    prepared: float
-    inferred: float
+def _render(bgr: np.ndarray, result: InferenceResult, png_level: int) -> tuple[str, str]:
+    """(heatmap, overlay) as base64 PNGs, drawn in OpenCV's channel order end to end."""
+    height, width = bgr.shape[:2]
+    heat = heatmap_to_image(result.cam, width, height)
+    coloured = colorize_bgr(heat)
+    return (
+        png_base64(coloured, png_level, bgr=True),
+        png_base64(blend(bgr, heat, coloured), png_level, bgr=True),
+    )
 
 
-async def infer_upload(state: ServiceState, body: bytes, content_type: str | None) -> Inferred:
-    """Read, check, decode and run one upload. Raises HTTPException (4xx, 503): every way a
-    request can fail is found here, before anything is recorded."""
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    tags=["predict"],
+    openapi_extra=OPENAPI_BODY,
+)
+@router.post("/predict/", response_model=PredictResponse, include_in_schema=False)
+async def predict(
+    request: Request,
+    state: State,
+    heatmaps: Annotated[
+        bool,
+        Query(
+            description="false: no heatmap images in the answer (`raw_hm_img` and "
+            "`overlaid_img` are null), for clients that only need the class; cheaper"
+        ),
+    ] = True,
+) -> Response:
+    """Class probabilities, Grad-CAM heatmap, UAE and BBSD features for one image."""
+    payload, record = await predict_payload(
+        state, await request.body(), request.headers.get("content-type"), heatmaps
+    )
+    request.state.prediction_record = record
+    return Response(payload, media_type="application/json")
+
+
+async def predict_payload(
+    state: ServiceState, body: bytes, content_type: str | None, heatmaps: bool
+) -> tuple[bytes, dict[str, Any]]:
+    """(JSON answer, `predictions` record) of one upload: the whole of `/predict` but the HTTP
+    around it, shared by the route and the service's direct lane (`cvops.service.lane`).
+    Raises HTTPException (4xx, 503) before any inference, never after."""
     model = state.model
     if model is None:
         raise HTTPException(503, "no model loaded yet")
@@ -162,131 +183,65 @@ async def infer_upload(state: ServiceState, body: bytes, content_type: str | Non
     prepared = time.perf_counter()
     result = await state.batcher.submit(InferenceItem(model, x))
     inferred = time.perf_counter()
-    probs = {c: float(p) for c, p in zip(model.classes, result.probs, strict=True)}
-    return Inferred(
-        model=model,
-        data=data,
-        bgr=bgr,
-        x=x,
-        width=width,
-        height=height,
-        result=result,
-        prediction_id=str(uuid.uuid4()),
-        prediction=probs,
-        predicted_class=max(probs, key=probs.__getitem__),
-        started=started,
-        prepared=prepared,
-        inferred=inferred,
+    png_level = state.settings.png_compression
+    raw_hm, overlaid = (
+        await _run_sized(bgr.shape[0] * bgr.shape[1], _render, bgr, result, png_level)
+        if heatmaps
+        else (None, None)
     )
-
-
-async def draw_heatmaps(state: ServiceState, inferred: Inferred) -> tuple[str, str]:
-    bgr = inferred.bgr
-    level = state.settings.png_compression
-    return await _run_sized(
-        bgr.shape[0] * bgr.shape[1], heatmap_pictures.draw, bgr, inferred.result.cam, level
-    )
-
-
-def answer(state: ServiceState, inferred: Inferred, pictures: tuple[str, str] | None) -> bytes:
-    """The JSON answer (heatmaps: `pictures`, or none), with the request's stage metrics."""
     rendered = time.perf_counter()
-    model, result = inferred.model, inferred.result
-    raw_hm, overlaid = pictures or (None, None)
+    probs = {c: float(p) for c, p in zip(model.classes, result.probs, strict=True)}
+    predicted = max(probs, key=probs.__getitem__)
+    prediction_id = str(uuid.uuid4())
     response = PredictResponse(
         model_name=model.name,
         model_version=model.version,
-        prediction=inferred.prediction,
-        predicted_class=inferred.predicted_class,
+        prediction=probs,
+        predicted_class=predicted,
         uae_feats=result.uae.astype(float).tolist(),
         bbsd_feats=result.bbsd.astype(float).tolist(),
         hidden_feats=result.hidden.astype(float).tolist() if result.hidden.size else None,
         raw_hm_img=raw_hm,
         overlaid_img=overlaid,
-        prediction_id=inferred.prediction_id,
+        prediction_id=prediction_id,
         timings_ms={
-            "preprocess": 1000 * (inferred.prepared - inferred.started),
-            "inference": 1000 * (inferred.inferred - inferred.prepared),
-            "render": 1000 * (rendered - inferred.inferred),
+            "preprocess": 1000 * (prepared - started),
+            "inference": 1000 * (inferred - prepared),
+            "render": 1000 * (rendered - inferred),
         },
     )
-    state.metrics.predictions.labels(model.name, inferred.predicted_class).inc()
+    state.metrics.predictions.labels(model.name, predicted).inc()
     stages = state.metrics.stages
-    stages["preprocess"].observe(inferred.prepared - inferred.started)
-    stages["queue"].observe(max(0.0, inferred.inferred - inferred.prepared - result.step_s))
+    stages["preprocess"].observe(prepared - started)
+    stages["queue"].observe(max(0.0, inferred - prepared - result.step_s))
     stages["inference"].observe(result.step_s)
-    if pictures is not None:
-        stages["render"].observe(rendered - inferred.inferred)
-    # serialised once by pydantic: FastAPI would validate the model again, then dump it
-    return response.model_dump_json().encode()
-
-
-def prediction_record(
-    state: ServiceState,
-    inferred: Inferred,
-    pictures: tuple[str, str] | None,
-    *,
-    deferred_pictures: bool = False,
-) -> dict[str, Any]:
-    """The `predictions` row as spooled; images only when the service is set to store them.
-    `deferred_pictures`: the heatmaps are still being drawn; the record carries what they are
-    drawn from (`cvops.service.heatmaps`), and the request hands them to the flusher."""
+    if heatmaps:
+        stages["render"].observe(rendered - inferred)
     # image properties: measured by the spool flusher, off the request path
-    state.recorder.keep_input(inferred.prediction_id, inferred.x, inferred.width, inferred.height)
-    stored = state.settings.keeps_images  # central storage: the flusher moves them
-    result = inferred.result
-    record: dict[str, Any] = {
-        "id": inferred.prediction_id,  # first: `Recorder._in_spools` looks for it there
-        "model_name": inferred.model.name,
-        "model_version": inferred.model.version,
-        "input_img": base64.b64encode(inferred.data).decode("ascii") if stored else None,
-        "raw_hm_img": pictures[0] if stored and pictures else None,
-        "overlaid_img": pictures[1] if stored and pictures else None,
+    state.recorder.keep_input(prediction_id, x, width, height)
+    stored = data if state.settings.keeps_images else None  # central storage: the flusher
+    # serialised once by pydantic: FastAPI would validate the model again, then dump it
+    return response.model_dump_json().encode(), prediction_record(response, stored)
+
+
+def prediction_record(response: PredictResponse, data: bytes | None) -> dict[str, Any]:
+    """The `predictions` row; images only when the service is set to store them."""
+    return {
+        "id": response.prediction_id,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "input_img": base64.b64encode(data).decode("ascii") if data is not None else None,
+        "raw_hm_img": response.raw_hm_img if data is not None else None,
+        "overlaid_img": response.overlaid_img if data is not None else None,
         "prediction_json": {
-            "prediction": inferred.prediction,
-            "predicted_class": inferred.predicted_class,
+            "prediction": response.prediction,
+            "predicted_class": response.predicted_class,
         },
-        "uae_feats": result.uae.astype(float).tolist(),
-        "bbsd_feats": result.bbsd.astype(float).tolist(),
-        "hidden_feats": result.hidden.astype(float).tolist() if result.hidden.size else None,
+        "uae_feats": response.uae_feats,
+        "bbsd_feats": response.bbsd_feats,
+        "hidden_feats": response.hidden_feats,
         "created_on": dt.datetime.now(dt.UTC).isoformat(),
     }
-    if stored and deferred_pictures:
-        settings = state.settings
-        record[heatmap_pictures.HEATMAP_KEY] = heatmap_pictures.deferred(
-            result.cam,
-            settings.png_compression,
-            max(settings.heatmap_max_side, *inferred.model.size),
-            settings.heatmap_max_side,
-        )
-    return record
-
-
-@router.post(
-    "/predict",
-    response_model=PredictResponse,
-    responses=ERRORS,
-    tags=["predict"],
-    openapi_extra=OPENAPI_BODY,
-)
-@router.post("/predict/", response_model=PredictResponse, include_in_schema=False)
-async def predict(
-    request: Request,
-    state: State,
-    heatmaps: Annotated[
-        bool,
-        Query(
-            description="false: no heatmap images in the answer (`raw_hm_img` and "
-            "`overlaid_img` are null), for clients that only need the class; cheaper"
-        ),
-    ] = True,
-) -> Response:
-    """Class probabilities, Grad-CAM heatmap, UAE and BBSD features for one image."""
-    inferred = await infer_upload(state, await request.body(), request.headers.get("content-type"))
-    pictures = await draw_heatmaps(state, inferred) if heatmaps else None
-    payload = answer(state, inferred, pictures)
-    request.state.prediction_record = prediction_record(state, inferred, pictures)
-    return Response(payload, media_type="application/json")
 
 
 @router.put(
