@@ -13,13 +13,18 @@ One run, on this machine, loopback only (issue 14, item 1):
 4. after each service's load: every 200 must have its row in its `predictions` table;
 5. with no service running (before them and again after them, averaged), the compute floor:
    images/s of the compiled inference step (`LoadedModel.infer`: probs + Grad-CAM + UAE + BBSD
-   + hidden) in this process, no HTTP.
+   + hidden) in this process, no HTTP;
+6. `--rounds` rounds on the cvops service, each: the floor (service idle), c=1, c=32. The
+   targets in the last lines are the medians of the rounds' ratios: the machine's speed drifts
+   between phases by more than the margins, and a ratio of two measurements made seconds
+   apart drifts much less than one of measurements made a minute apart.
 
 Prints a table and writes `benchmarks/results/serve.md`. Everything it starts (services,
 Postgres, temporary folders) is stopped and removed at exit, on errors and Ctrl-C too.
 
     .venv/bin/python benchmarks/serve.py [--workers 2] [--requests-scale 1] [--skip-reference]
         [--baseline ../shared/baselines/reference_dl_service] [--output PATH] [--untrained]
+        [--rounds 7]
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ IMAGE_SIZE = (120, 90)  # width, height
 ADMIN_TOKEN = "bench-admin-token"
 PG_MAX_CONNECTIONS = 1000
 ROW_WAIT_S = 30.0
+ROUNDS = 7  # of (floor, c=1, c=32): the targets are their medians
 TRAIN_PER_CLASS = 80
 TRAIN_EPOCHS = 4
 
@@ -551,6 +557,25 @@ def build_package(storage_root: Path, work: Path, untrained: bool) -> Package:
 
 
 @dataclass
+class Round:
+    """One round of the targets: the compute floor, then c=1, then c=32, back to back, so each
+    ratio compares the service with the step measured at the same moment of the machine."""
+
+    floor: Floor
+    c1: Level
+    c32: Level
+    service_idle_cpu: float  # % of all cores the idle service used while the floor ran
+
+    @property
+    def p50_ratio(self) -> float:
+        return self.c1.p50 / self.floor.ms_one_image
+
+    @property
+    def share(self) -> float:
+        return 100 * self.c32.rps / self.floor.images_per_s[32]
+
+
+@dataclass
 class ServiceRun:
     label: str
     levels: dict[int, Level]
@@ -561,10 +586,12 @@ class ServiceRun:
     no_heatmaps_note: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
     other_cpu: float = float("nan")
+    rounds: list[Round] = field(default_factory=list)
 
     @property
     def errors(self) -> int:
         total = sum(level.errors for level in self.levels.values())
+        total += sum(r.c1.errors + r.c32.errors for r in self.rounds)
         return total + (self.no_heatmaps.errors if self.no_heatmaps else 0)
 
 
@@ -659,10 +686,13 @@ def run_cvops(
     *,
     name: str = "cvops",
     variant: bool = False,
+    floor_probe: FloorProbe | None = None,
+    rounds: int = 0,
 ) -> ServiceRun:
     """`cvops serve` through every level, into database `name`, then `?heatmaps=false` at 32
-    unless this is a `variant` of the settings (compared at 32: it runs the same levels before,
-    because a fresh worker's first batches of each size cost more: its kernels warm up)."""
+    and `rounds` rounds of the targets (`Round`, with `floor_probe` for the floor) unless this is a
+    `variant` of the settings (compared at 32: it runs the same levels before, because a
+    fresh worker's first batches of each size cost more: its kernels warm up)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     state_dir = tmp / f"{name}-state"
@@ -751,6 +781,32 @@ def run_cvops(
             run.no_heatmaps_note = f"n/a (?heatmaps=false answered {probe.status_code})"
         if run.no_heatmaps_note:
             print(f"cvops without heatmaps: {run.no_heatmaps_note}")
+        for number in range(1, rounds + 1 if floor_probe else 1):
+            assert floor_probe is not None
+            idle_before, idle_started = service.cpu_seconds(), time.monotonic()
+            floor = floor_probe.measure(with_properties=False)
+            idle = (service.cpu_seconds() - idle_before) / (time.monotonic() - idle_started)
+            print(
+                f"round {number}/{rounds}: floor batch 1 {floor.ms_one_image:.2f} ms, batch 32 "
+                f"{floor.images_per_s[32]:.0f} img/s"
+            )
+            levels = asyncio.run(
+                run_levels(
+                    f"{base}/predict",
+                    image,
+                    {1: counts[1], 32: counts[32]},
+                    {1: CVOPS_WARMUP[1], 32: CVOPS_WARMUP[32]},
+                    collect,
+                    None,
+                    service.cpu_seconds,
+                )
+            )
+            cores = len(os.sched_getaffinity(0))
+            run.rounds.append(Round(floor, levels[1], levels[32], 100 * idle / cores))
+            print(
+                f"  p50 at c=1 / one-image step {run.rounds[-1].p50_ratio:.2f}x, c=32 share of "
+                f"the floor {run.rounds[-1].share:.1f}%"
+            )
         run.other_cpu = others.share()
         print(f"  other programs used {run.other_cpu:.0f}% of the CPUs meanwhile")
 
@@ -813,33 +869,41 @@ def mean_floor(*floors: Floor) -> Floor:
     )
 
 
-def compute_floor(storage_root: Path, pkg: Package, image: bytes) -> Floor:
-    """Images/s of the compiled step at batch 1, 8 and 32 in this process (median of repeats
-    after warm-up); the model input is the benchmark image preprocessed as the service does."""
-    import tensorflow as tf
+class FloorProbe:
+    """The compiled step of the served package in this process, loaded once and measured as
+    often as asked: before the services, in every round next to the service's load, after."""
 
-    from cvops.model.preprocess import preprocess_image
-    from cvops.service.model_store import load_model
-    from cvops.storage import CentralStorage
+    def __init__(self, storage_root: Path, pkg: Package, image: bytes) -> None:
+        import tensorflow as tf
 
-    loaded = load_model(CentralStorage(storage_root), pkg.metadata_file)
-    x = preprocess_image(tf.constant(image), loaded.size).numpy()
-    rates: dict[int, float] = {}
-    seconds_per_call: dict[int, float] = {}
-    others = OtherCpu(set())
-    for batch, calls in ((1, 60), (8, 12), (32, 4)):
-        inputs = np.repeat(x[None], batch, axis=0)
-        for _ in range(max(3, calls // 4)):
-            loaded.infer(inputs)
-        per_call = []
-        for _ in range(7):
-            started = time.perf_counter()
-            for _ in range(calls):
-                loaded.infer(inputs)
-            per_call.append((time.perf_counter() - started) / calls)
-        seconds_per_call[batch] = statistics.median(per_call)
-        rates[batch] = batch / seconds_per_call[batch]
-    return Floor(rates, 1000 * seconds_per_call[1], others.share(), property_cost_us(x, image))
+        from cvops.model.preprocess import preprocess_image
+        from cvops.service.model_store import load_model
+        from cvops.storage import CentralStorage
+
+        self.loaded = load_model(CentralStorage(storage_root), pkg.metadata_file)
+        self.x = preprocess_image(tf.constant(image), self.loaded.size).numpy()
+        self.image = image
+
+    def measure(self, with_properties: bool = True) -> Floor:
+        """Images/s of the compiled step at batch 1, 8 and 32 (median of 7 repeats after
+        warm-up); the model input is the benchmark image preprocessed as the service does."""
+        rates: dict[int, float] = {}
+        seconds_per_call: dict[int, float] = {}
+        others = OtherCpu(set())
+        for batch, calls in ((1, 60), (8, 12), (32, 4)):
+            inputs = np.repeat(self.x[None], batch, axis=0)
+            for _ in range(max(3, calls // 4)):
+                self.loaded.infer(inputs)
+            per_call = []
+            for _ in range(7):
+                started = time.perf_counter()
+                for _ in range(calls):
+                    self.loaded.infer(inputs)
+                per_call.append((time.perf_counter() - started) / calls)
+            seconds_per_call[batch] = statistics.median(per_call)
+            rates[batch] = batch / seconds_per_call[batch]
+        properties = property_cost_us(self.x, self.image) if with_properties else float("nan")
+        return Floor(rates, 1000 * seconds_per_call[1], others.share(), properties)
 
 
 def property_cost_us(x: np.ndarray, image: bytes) -> float:
@@ -890,6 +954,54 @@ def table(runs: list[ServiceRun]) -> list[str]:
                 )
             else:
                 lines.append(f"| {run.label}, `?heatmaps=false` | | | | n/a | n/a | |")
+    return lines
+
+
+def rounds_section(cv: ServiceRun, ref: ServiceRun | None) -> list[str]:
+    """Every round of the targets and their medians, which the last lines report."""
+    if not cv.rounds:
+        return []
+    lines = [
+        "## The targets, in rounds",
+        "",
+        f"After the levels above, {len(cv.rounds)} rounds on the same running service, each: the "
+        "compute floor in this process (the service idle), then c=1, then c=32 (with their "
+        "warm-ups). Each ratio compares the service with the step measured moments before it, "
+        "so drift of the machine's speed between phases (the one-image step moved between 2.9 "
+        "and 4.7 ms from run to run here) moves both sides; the last lines report the medians "
+        "of the rounds.",
+        "",
+        "| round | floor batch 1 ms | floor batch 32 img/s | c=1 p50 ms | p50 / step | c=32 "
+        "req/s | share of floor | x reference | c=32 p99 ms | errors | idle service CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref32 = ref.levels[32].rps if ref else 0.0
+
+    def times_ref(rps: float) -> str:
+        return f"{rps / ref32:.1f}x" if ref32 else "n/a"
+
+    for number, r in enumerate(cv.rounds, 1):
+        lines.append(
+            f"| {number} | {r.floor.ms_one_image:.2f} | {r.floor.images_per_s[32]:.0f} | "
+            f"{r.c1.p50:.1f} | {r.p50_ratio:.2f}x | {fmt(r.c32.rps)} | {r.share:.1f}% | "
+            f"{times_ref(r.c32.rps)} | {fmt(r.c32.p99, 0)} | {r.c1.errors + r.c32.errors} | "
+            f"{r.service_idle_cpu:.1f}% |"
+        )
+    median = statistics.median
+    c32 = median(r.c32.rps for r in cv.rounds)
+    lines += [
+        f"| median | {median(r.floor.ms_one_image for r in cv.rounds):.2f} | "
+        f"{median(r.floor.images_per_s[32] for r in cv.rounds):.0f} | "
+        f"{median(r.c1.p50 for r in cv.rounds):.1f} | "
+        f"{median(r.p50_ratio for r in cv.rounds):.2f}x | {fmt(c32)} | "
+        f"{median(r.share for r in cv.rounds):.1f}% | {times_ref(c32)} | | | |",
+        "",
+        f"Targets met in how many rounds: p50 at c=1 <= 2x the step "
+        f"{sum(r.p50_ratio <= 2 for r in cv.rounds)}/{len(cv.rounds)}, c=32 >= 50% of the floor "
+        f"{sum(r.share >= 50 for r in cv.rounds)}/{len(cv.rounds)}, >= 30x the reference "
+        f"{sum(bool(ref32) and r.c32.rps >= 30 * ref32 for r in cv.rounds)}/{len(cv.rounds)}.",
+        "",
+    ]
     return lines
 
 
@@ -1005,10 +1117,15 @@ def report(
 ) -> str:
     ref = next((r for r in runs if r.label.startswith("reference")), None)
     cv = next(r for r in runs if r.label.startswith("cvops"))
-    cv32 = cv.levels[32].rps
+    if cv.rounds:  # the targets: medians of the rounds, each against its own floor
+        cv32 = statistics.median(r.c32.rps for r in cv.rounds)
+        share = statistics.median(r.share for r in cv.rounds)
+        p50_ratio = statistics.median(r.p50_ratio for r in cv.rounds)
+    else:
+        cv32 = cv.levels[32].rps
+        share = 100 * cv32 / floor.images_per_s[32]
+        p50_ratio = cv.levels[1].p50 / floor.ms_one_image
     ratio = f"{cv32 / ref.levels[32].rps:.1f}x" if ref and ref.levels[32].rps else "n/a"
-    share = 100 * cv32 / floor.images_per_s[32]
-    p50_ratio = cv.levels[1].p50 / floor.ms_one_image
     cores = len(os.sched_getaffinity(0))
     import tensorflow as tf
 
@@ -1024,8 +1141,9 @@ def report(
         f"Written by `benchmarks/serve.py` (`make bench-serve`) on "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {cvops_source()}; the whole run took "
         f"{seconds:.0f} s. One run: the services one after the other (never at the same time), "
-        "and the compute floor before and after them, with no service running. Absolute numbers "
-        "depend on the machine; the ratios much less.",
+        "and the compute floor before and after them, with no service running; then, on the "
+        "cvops service, rounds of (floor, c=1, c=32) whose medians are the targets in the last "
+        "lines. Absolute numbers depend on the machine; the ratios much less.",
         "",
         "## Setup",
         "",
@@ -1071,6 +1189,7 @@ def report(
         f"batch 1: {floor.ms_one_image:.1f} ms | | batch 8: {floor.images_per_s[8]:.0f} img/s | "
         f"batch 32: {floor.images_per_s[32]:.0f} img/s | | |",
         "",
+        *rounds_section(cv, ref),
         "Every level:",
         "",
         *levels_table(runs + ([no_props] if no_props else [])),
@@ -1177,9 +1296,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="serve an untrained (but complete) package instead of training one briefly",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help="rounds of (floor, c=1, c=32) the targets are the medians of",
+    )
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.requests_scale <= 0:
-        parser.error("--workers and --requests-scale must be positive")
+    if args.workers < 1 or args.requests_scale <= 0 or args.rounds < 1:
+        parser.error("--workers, --requests-scale and --rounds must be positive")
     if any("=" not in item for item in args.cvops_env):
         parser.error("--cvops-env takes KEY=VALUE")
     args.cvops_env = dict(item.split("=", 1) for item in args.cvops_env)
@@ -1217,7 +1342,8 @@ def main(argv: list[str] | None = None) -> int:
         image = demo_image()
 
         print("compute floor, before the services ...")
-        floor_before = compute_floor(storage_root, pkg, image)
+        probe = FloorProbe(storage_root, pkg, image)
+        floor_before = probe.measure()
         pg = Postgres(tmp / "postgres")
         stack.callback(pg.stop)
         pg.start()
@@ -1235,7 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
             run_cvops, storage_root, pg, tmp, pkg, image, args.requests_scale, args.workers
         )
         print(f"cvops serve --workers {args.workers}:")
-        runs.append(cvops(args.cvops_env))
+        runs.append(cvops(args.cvops_env, floor_probe=probe, rounds=args.rounds))
         print("cvops serve, image properties off (CVOPS_SERVICE_PROPERTY_BUFFER_MB=0):")
         no_props = cvops(
             {**args.cvops_env, "CVOPS_SERVICE_PROPERTY_BUFFER_MB": "0"},
@@ -1245,7 +1371,7 @@ def main(argv: list[str] | None = None) -> int:
         no_props.label += ", image properties off"
         pg.stop()
         print("compute floor, after the services ...")
-        floor = mean_floor(floor_before, compute_floor(storage_root, pkg, image))
+        floor = mean_floor(floor_before, probe.measure())
         setup_notes.append(f"at the end {os.getloadavg()[0]:.2f} (1-minute averages)")
         seconds = time.monotonic() - began
         text = report(args, pkg, image, runs, floor, setup_notes, pg.version, seconds, no_props)
