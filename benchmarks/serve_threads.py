@@ -19,12 +19,14 @@ import collections
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,6 +70,27 @@ def process_cpu(processes: list[psutil.Process]) -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def stage_sums(base: str) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of every `cvops_stage_seconds` stage and of the request
+    latency, from /metrics (all workers: the service's metrics are multiprocess)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    out: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for family in text_string_to_metric_families(text):
+        if family.name not in ("cvops_stage_seconds", "cvops_request_seconds"):
+            continue
+        for sample in family.samples:
+            if sample.labels.get("route", "/predict") != "/predict":
+                continue
+            key = sample.labels.get("stage", "request")
+            if sample.name.endswith("_sum"):
+                out[key][0] += sample.value
+            elif sample.name.endswith("_count"):
+                out[key][1] += sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def postgres_processes() -> list[psutil.Process]:
@@ -141,6 +164,7 @@ def main() -> int:
             "client": [psutil.Process()],
         }
         before = {name: process_cpu(procs) for name, procs in groups.items()}
+        stages_before = stage_sums(base)
         threads_before = thread_cpu([w.pid for w in workers])
         spies = []
         for worker in workers if args.py_spy else []:
@@ -160,6 +184,7 @@ def main() -> int:
         for spy in spies:
             spy.send_signal(2)
             spy.wait(60)
+        stages_after = stage_sums(base)
         groups["postgres"] = postgres_processes()
         threads_after = thread_cpu([w.pid for w in workers])
         n = args.requests
@@ -167,6 +192,13 @@ def main() -> int:
             f"c={conc}, {n} requests: {level.rps:.1f} req/s, p50 {level.p50:.1f} ms, "
             f"p99 {level.p99:.0f} ms, errors {level.errors}, wall {1000 * wall / n:.2f} ms/request"
         )
+        mean = statistics.mean(level.latencies_ms) if level.latencies_ms else float("nan")
+        print(f"mean latency at the client {mean:.2f} ms; in the service, mean ms per request:")
+        for stage, (total, count) in stages_after.items():
+            done = count - stages_before.get(stage, (0.0, 0.0))[1]
+            spent = total - stages_before.get(stage, (0.0, 0.0))[0]
+            if done:
+                print(f"  {stage:>12}: {1000 * spent / done:6.2f} ({done:.0f} observed)")
         print("CPU ms per request:")
         for name, procs in groups.items():
             print(f"  {name:>10}: {1000 * (process_cpu(procs) - before[name]) / n:6.2f}")
