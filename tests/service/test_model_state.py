@@ -35,7 +35,9 @@ def replica_settings(storage_root: Path, tmp: Path, host: str, **extra: object) 
         "admin_token": "s3cret",
         "reload_poll_s": 0.1,
         "heartbeat_s": 0.2,
-        "heartbeat_lapse_s": 1.0,
+        # several replicas share this test process, and each model swap pauses all of it for
+        # one full garbage collection (`settle_heap`: ~0.4 s here, more under CI load)
+        "heartbeat_lapse_s": 3.0,
         "update_wait_s": 20.0,
         **extra,
     }
