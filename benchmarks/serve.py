@@ -229,6 +229,14 @@ class Postgres:
             cursor = c.execute(sql)  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description else []
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the server, its backends and the backends it has reaped."""
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        return process_tree_cpu(postmaster)
+
     def create_database(self, name: str) -> str:
         self.query("postgres", f'CREATE DATABASE "{name}"')
         return self.url(name)
@@ -274,6 +282,55 @@ class OtherCpu:
         used = sum(t - self.start.get(key, 0) for key, t in end.items())
         cores = len(os.sched_getaffinity(0))
         return 100 * used / os.sysconf("SC_CLK_TCK") / (elapsed * cores) if elapsed else 0.0
+
+
+class MachineCpu:
+    """What the whole machine did during a phase, from /proc/stat: the CPU time no process of
+    this benchmark used (processes that came and went included, unlike `OtherCpu`) and the
+    time the hypervisor took from this VM (steal), each as a share of all cores."""
+
+    def __init__(self, ours: Callable[[], float]) -> None:
+        self.ours = ours  # CPU seconds so far of this benchmark, its services and Postgres
+        self.start = (*self._stat(), ours(), time.monotonic())
+
+    @staticmethod
+    def _stat() -> tuple[float, float]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = values
+        tick = os.sysconf("SC_CLK_TCK")
+        return (user + nice + system + irq + softirq) / tick, steal / tick
+
+    def shares(self) -> tuple[float, float]:
+        """(% of all cores used by others, % stolen) since construction."""
+        busy, steal = self._stat()
+        ours, now = self.ours(), time.monotonic()
+        busy0, steal0, ours0, then = self.start
+        capacity = (now - then) * len(os.sched_getaffinity(0)) or float("nan")
+        others = max(0.0, (busy - busy0) - (ours - ours0))
+        return 100 * others / capacity, 100 * (steal - steal0) / capacity
+
+
+def process_tree_cpu(root: int) -> float:
+    """CPU seconds of a process, its living descendants and the children it has reaped."""
+    ticks = 0
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        times[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    for pid, own in times.items():
+        ancestor = pid
+        while ancestor and ancestor != root:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == root:
+            ticks += own
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- load generator
@@ -565,6 +622,8 @@ class Round:
     c1: Level
     c32: Level
     service_idle_cpu: float  # % of all cores the idle service used while the floor ran
+    other_cpu: float = float("nan")  # % of all cores used by anything else during the round
+    steal: float = float("nan")  # % of all cores' time the hypervisor took
 
     @property
     def p50_ratio(self) -> float:
@@ -783,6 +842,9 @@ def run_cvops(
             print(f"cvops without heatmaps: {run.no_heatmaps_note}")
         for number in range(1, rounds + 1 if floor_probe else 1):
             assert floor_probe is not None
+            machine = MachineCpu(
+                lambda: time.process_time() + service.cpu_seconds() + pg.cpu_seconds()
+            )
             idle_before, idle_started = service.cpu_seconds(), time.monotonic()
             floor = floor_probe.measure(with_properties=False)
             idle = (service.cpu_seconds() - idle_before) / (time.monotonic() - idle_started)
@@ -802,10 +864,12 @@ def run_cvops(
                 )
             )
             cores = len(os.sched_getaffinity(0))
-            run.rounds.append(Round(floor, levels[1], levels[32], 100 * idle / cores))
+            other, steal = machine.shares()
+            run.rounds.append(Round(floor, levels[1], levels[32], 100 * idle / cores, other, steal))
             print(
                 f"  p50 at c=1 / one-image step {run.rounds[-1].p50_ratio:.2f}x, c=32 share of "
-                f"the floor {run.rounds[-1].share:.1f}%"
+                f"the floor {run.rounds[-1].share:.1f}%; others used {other:.1f}% of the "
+                f"cores, steal {steal:.1f}%"
             )
         run.other_cpu = others.share()
         print(f"  other programs used {run.other_cpu:.0f}% of the CPUs meanwhile")
@@ -969,11 +1033,15 @@ def rounds_section(cv: ServiceRun, ref: ServiceRun | None) -> list[str]:
         "warm-ups). Each ratio compares the service with the step measured moments before it, "
         "so drift of the machine's speed between phases (the one-image step moved between 2.9 "
         "and 4.7 ms from run to run here) moves both sides; the last lines report the medians "
-        "of the rounds.",
+        "of the rounds. Others' CPU: what no process of this benchmark, its service or its "
+        "Postgres used, from /proc/stat (processes that came and went included); steal: time "
+        "the hypervisor took from this machine. A round with either well above zero was "
+        "disturbed.",
         "",
         "| round | floor batch 1 ms | floor batch 32 img/s | c=1 p50 ms | p50 / step | c=32 "
-        "req/s | share of floor | x reference | c=32 p99 ms | errors | idle service CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "req/s | share of floor | x reference | c=32 p99 ms | errors | idle service CPU | "
+        "others' CPU | steal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref32 = ref.levels[32].rps if ref else 0.0
 
@@ -985,7 +1053,7 @@ def rounds_section(cv: ServiceRun, ref: ServiceRun | None) -> list[str]:
             f"| {number} | {r.floor.ms_one_image:.2f} | {r.floor.images_per_s[32]:.0f} | "
             f"{r.c1.p50:.1f} | {r.p50_ratio:.2f}x | {fmt(r.c32.rps)} | {r.share:.1f}% | "
             f"{times_ref(r.c32.rps)} | {fmt(r.c32.p99, 0)} | {r.c1.errors + r.c32.errors} | "
-            f"{r.service_idle_cpu:.1f}% |"
+            f"{r.service_idle_cpu:.1f}% | {r.other_cpu:.1f}% | {r.steal:.1f}% |"
         )
     median = statistics.median
     c32 = median(r.c32.rps for r in cv.rounds)
@@ -994,7 +1062,7 @@ def rounds_section(cv: ServiceRun, ref: ServiceRun | None) -> list[str]:
         f"{median(r.floor.images_per_s[32] for r in cv.rounds):.0f} | "
         f"{median(r.c1.p50 for r in cv.rounds):.1f} | "
         f"{median(r.p50_ratio for r in cv.rounds):.2f}x | {fmt(c32)} | "
-        f"{median(r.share for r in cv.rounds):.1f}% | {times_ref(c32)} | | | |",
+        f"{median(r.share for r in cv.rounds):.1f}% | {times_ref(c32)} | | | | | |",
         "",
         f"Targets met in how many rounds: p50 at c=1 <= 2x the step "
         f"{sum(r.p50_ratio <= 2 for r in cv.rounds)}/{len(cv.rounds)}, c=32 >= 50% of the floor "
