@@ -95,6 +95,17 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) of every live process;
+    field 1 is the parent, 3 the session, 11-14 utime stime cutime cstime (clock ticks)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        yield int(stat.parent.name), text[text.rindex(")") + 2 :].split()
+
+
 class Service:
     """A server in its own process group (its workers too), logging to a file."""
 
@@ -136,12 +147,7 @@ class Service:
         if self.proc is None:
             return 0.0
         total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-            except OSError:
-                continue
-            fields = text[text.rindex(")") + 2 :].split()
+        for _, fields in proc_stats():
             if int(fields[3]) == self.proc.pid:  # session id: start_new_session made it ours
                 total += int(fields[11]) + int(fields[12])
         return total / os.sysconf("SC_CLK_TCK")
@@ -263,13 +269,7 @@ class OtherCpu:
     def _snapshot(self) -> dict[tuple[int, int], int]:
         me, postmaster = os.getpid(), self._postmaster()
         ticks = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-            except OSError:
-                continue
-            pid = int(stat.parent.name)
-            fields = text[text.rindex(")") + 2 :].split()
+        for pid, fields in proc_stats():
             ppid, session = int(fields[1]), int(fields[3])
             if pid == me or session in self.sessions or postmaster in (pid, ppid):
                 continue
@@ -315,13 +315,7 @@ def process_tree_cpu(root: int) -> float:
     ticks = 0
     parents: dict[int, int] = {}
     times: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        pid = int(stat.parent.name)
+    for pid, fields in proc_stats():
         parents[pid] = int(fields[1])
         times[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     for pid, own in times.items():
@@ -540,6 +534,19 @@ async def run_levels(
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def cached_package(work: Path | None, prefix: str) -> tuple[Path, Path, Package]:
+    """(work folder, central storage, package) for the diagnostic scripts: the package is
+    built (and trained) once per work folder and reused by later runs given the same one."""
+    work = work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)  # Postgres runs as `postgres` under it when we are root
+    storage, package_file = work / "central_storage", work / "package.json"
+    if not package_file.exists():
+        package = build_package(storage, work / "build", untrained=False)
+        package_file.write_text(json.dumps(package.__dict__))
+    return work, storage, Package(**json.loads(package_file.read_text()))
 
 
 def demo_image() -> bytes:

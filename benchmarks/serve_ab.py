@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -79,14 +78,7 @@ def start_service(
 
 def main() -> int:
     args = parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="cvops-serve-ab-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o755)  # Postgres runs as `postgres` under it when we are root
-    storage, package_file = work / "central_storage", work / "package.json"
-    if not package_file.exists():
-        package = bench.build_package(storage, work / "build", untrained=False)
-        package_file.write_text(json.dumps(package.__dict__))
-    package = bench.Package(**json.loads(package_file.read_text()))
+    work, storage, package = bench.cached_package(args.work, "cvops-serve-ab-")
     image = bench.demo_image()
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     os.chmod(run_dir, 0o755)

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -117,14 +115,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="cvops-serve-threads-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chmod(work, 0o755)  # Postgres runs as `postgres` under it when we are root
-    storage, package_file = work / "central_storage", work / "package.json"
-    if not package_file.exists():
-        package = bench.build_package(storage, work / "build", untrained=False)
-        package_file.write_text(json.dumps(package.__dict__))
-    package = bench.Package(**json.loads(package_file.read_text()))
+    work, storage, package = bench.cached_package(args.work, "cvops-serve-threads-")
     image = bench.demo_image()
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
