@@ -72,18 +72,20 @@ def process_cpu(processes: list[psutil.Process]) -> float:
 
 def stage_sums(base: str) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of every `cvops_stage_seconds` stage and of the request
-    latency, from /metrics (all workers: the service's metrics are multiprocess)."""
+    latency, and (images, model calls) of the batch sizes, from /metrics (all workers: the service's metrics are multiprocess)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{base}/metrics", timeout=30).text
     out: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for family in text_string_to_metric_families(text):
-        if family.name not in ("cvops_stage_seconds", "cvops_request_seconds"):
+        if family.name not in ("cvops_stage_seconds", "cvops_request_seconds", "cvops_batch_size"):
             continue
         for sample in family.samples:
             if sample.labels.get("route", "/predict") != "/predict":
                 continue
             key = sample.labels.get("stage", "request")
+            if family.name == "cvops_batch_size":
+                key = "batch images"  # sum: images, count: model calls
             if sample.name.endswith("_sum"):
                 out[key][0] += sample.value
             elif sample.name.endswith("_count"):
@@ -188,7 +190,9 @@ def main() -> int:
         for stage, (total, count) in stages_after.items():
             done = count - stages_before.get(stage, (0.0, 0.0))[1]
             spent = total - stages_before.get(stage, (0.0, 0.0))[0]
-            if done:
+            if done and stage == "batch images":
+                print(f"  images per model call: {spent / done:.2f} ({done:.0f} calls)")
+            elif done:
                 print(f"  {stage:>12}: {1000 * spent / done:6.2f} ({done:.0f} observed)")
         print("CPU ms per request:")
         for name, procs in groups.items():

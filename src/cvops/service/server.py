@@ -19,21 +19,31 @@ from sqlalchemy.exc import SQLAlchemyError
 from cvops.records.schema import make_engine, upgrade_schema
 from cvops.service.replicas import ModelState
 from cvops.service.settings import ServiceSettings
+from cvops.service.worker import ConnectionBoard
 from cvops.storage import SERVED_ARTIFACTS, open_storage
 
 log = logging.getLogger(__name__)
+
+
+def _pre_fork(server: Any, worker: Any) -> None:
+    """In the master, before a worker is forked: its slot on the connection board."""
+    worker.connection_slot = server.app.connection_board.reserve()
 
 
 def _child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    if getattr(worker, "connection_slot", None) is not None:
+        server.app.connection_board.release(worker.connection_slot)
 
 
 class ServiceServer(BaseApplication):  # type: ignore[misc]
     def __init__(self, settings: ServiceSettings, options: dict[str, Any]) -> None:
         self.settings = settings
         self.options = options
+        # room for every worker twice over: gunicorn can run more for a while (TTIN, reloads)
+        self.connection_board = ConnectionBoard(slots=4 * int(options.get("workers", 1)) + 4)
         super().__init__()
 
     def load_config(self) -> None:
@@ -174,10 +184,11 @@ def serve(
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "uvicorn_worker.UvicornWorker",
+        "worker_class": "cvops.service.worker.FairAcceptWorker",
         "timeout": timeout_s,
         "graceful_timeout": 30,
         "keepalive": 5,
+        "pre_fork": _pre_fork,
         "child_exit": _child_exit,
         "accesslog": None,
         "loglevel": "info",
