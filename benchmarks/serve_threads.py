@@ -72,7 +72,8 @@ def process_cpu(processes: list[psutil.Process]) -> float:
 
 def stage_sums(base: str) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of every `cvops_stage_seconds` stage and of the request
-    latency, and (images, model calls) of the batch sizes, from /metrics (all workers: the service's metrics are multiprocess)."""
+    latency, and (images, model calls) of the batch sizes, from /metrics (all workers: the
+    service's metrics are multiprocess)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{base}/metrics", timeout=30).text
@@ -161,7 +162,9 @@ def main() -> int:
         threads_before = thread_cpu([w.pid for w in workers])
         spies = []
         for worker in workers if args.py_spy else []:
-            spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "-r", "250"]
+            # 100 Hz, not pausing the worker: at 250 Hz py-spy's own CPU halved the throughput
+            spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--gil"]
+            spy_cmd += ["--nonblocking", "-r", "100"]
             out = f"{args.py_spy}.{worker.pid}"
             spy_cmd += ["-f", "raw", "-o", out, "-p", str(worker.pid)]
             spies.append(

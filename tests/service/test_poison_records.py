@@ -171,5 +171,8 @@ def test_spool_and_service_db_are_private(tmp_path: Path) -> None:
         modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files}
         assert set(modes.values()) == {"0o600"}, modes
         assert spool_dir.stat().st_mode & 0o777 == 0o700
+        # FAST (2), not this SQLite's default ON: zeroing every freed overflow page wrote each
+        # record's ~40 KB of images a second time; the file stays private (above)
+        assert recorder.spool._db.execute("PRAGMA secure_delete").fetchone()[0] == 2
     finally:
         recorder.stop()

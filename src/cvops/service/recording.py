@@ -172,6 +172,11 @@ class Spool:
         # FULL: every commit reaches the disk (survives power loss); NORMAL: survives the
         # process being killed, not the machine losing power
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        # FAST: a flushed record's bytes are zeroed where that costs no extra write. This
+        # SQLite's default (ON) zeroed every freed page: deleting a record with images cost 4x
+        # its writing (~100 us). The file is private to the service, which stores the same
+        # images in its database.
+        self._db.execute("PRAGMA secure_delete=FAST")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
             " kind TEXT NOT NULL, payload TEXT NOT NULL)"
