@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cvops.runtime import bootstrap_env, configure_logging
 
@@ -28,7 +29,9 @@ log = logging.getLogger("cvops.cli")
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """One unwrapped line: paths and field names stay greppable and copyable whatever the
+    terminal width, and brackets in the message are text, not markup."""
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -449,7 +452,9 @@ def data_validate(
         typer.echo(f"  {gate.status:<4}  {gate.name:<15} {gate.message}")
     typer.echo(f"Data validation {result.status}; report: {report.resolve()}")
     if result.gate_failures:
-        console.print(failure_message(result, report.resolve()), highlight=False, markup=False)
+        console.print(
+            failure_message(result, report.resolve()), highlight=False, markup=False, soft_wrap=True
+        )
         raise typer.Exit(1)
 
 
