@@ -4,6 +4,8 @@ Installed by the fixture itself from the package index into a cache folder
 (`CVOPS_TEST_CACHE`, default ~/.cache/cvops-tests) in its own virtual environment, once per
 machine; its migrated SQLite database is kept there as a template, so that only the first
 session pays for Label Studio's migrations (~100 s on two busy cores, later starts ~30 s).
+The template is copied as soon as the server is healthy, before any test adds a project: a
+copy taken after the tests carried their projects and tasks into every later session.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,7 @@ USER = "admin@cvops.test"
 PASSWORD = "cvops-test-password"
 TOKEN = "cvops0test0token0for0label0studio"
 DB = "label_studio.sqlite3"
+TEMPLATE = "empty-" + DB  # another name than the one that held tests' projects
 
 
 def cache_dir() -> Path:
@@ -40,7 +44,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     cache = cache_dir()
     exe = ensure_venv(cache / f"label-studio-{LABEL_STUDIO_VERSION}")
     data = tmp_path_factory.mktemp("label-studio")
-    template = cache / f"label-studio-{LABEL_STUDIO_VERSION}-{DB}"
+    template = cache / f"label-studio-{LABEL_STUDIO_VERSION}-{TEMPLATE}"
     if template.is_file():
         shutil.copyfile(template, data / DB)
     server = LabelStudioProcess(
@@ -50,9 +54,18 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     log.info(
         "Label Studio %s healthy after %.1f s at %s", LABEL_STUDIO_VERSION, seconds, server.url
     )
+    if not template.is_file():
+        save_template(data / DB, template)
     yield server
     server.stop()
-    if not template.is_file() and (data / DB).is_file():
-        partial = template.with_suffix(f".{os.getpid()}.tmp")
-        shutil.copyfile(data / DB, partial)
-        partial.replace(template)
+
+
+def save_template(live: Path, template: Path) -> None:
+    """A consistent copy of the running server's database (SQLite's backup API), written under
+    another name and renamed, so that a concurrent session never reads half a file."""
+    partial = template.with_suffix(f".{os.getpid()}.tmp")
+    with sqlite3.connect(live) as source, sqlite3.connect(partial) as copy:
+        source.backup(copy)
+    source.close()
+    copy.close()
+    partial.replace(template)

@@ -156,7 +156,7 @@ async def predict_payload(
     state: ServiceState, body: bytes, content_type: str | None, heatmaps: bool
 ) -> tuple[bytes, dict[str, Any]]:
     """(JSON answer, `predictions` record) of one upload: the whole of `/predict` but the HTTP
-    around it, shared by the route and the service's direct lane (`cvops.service.lane`).
+    around it, shared by the route and the direct lane of `cvops.service.app.ServiceApp`.
     Raises HTTPException (4xx, 503) before any inference, never after."""
     model = state.model
     if model is None:
