@@ -15,6 +15,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,6 @@ def save_template(live: Path, template: Path) -> None:
     """A consistent copy of the running server's database (SQLite's backup API), written under
     another name and renamed, so that a concurrent session never reads half a file."""
     partial = template.with_suffix(f".{os.getpid()}.tmp")
-    with sqlite3.connect(live) as source, sqlite3.connect(partial) as copy:
+    with closing(sqlite3.connect(live)) as source, closing(sqlite3.connect(partial)) as copy:
         source.backup(copy)
-    source.close()
-    copy.close()
     partial.replace(template)
