@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import datetime as dt
 import logging
@@ -95,7 +94,7 @@ async def account(
     # On disk before the answer leaves: a worker killed after answering loses nothing.
     spooling = time.perf_counter()
     try:
-        await asyncio.wrap_future(state.recorder.submit(records))
+        await state.spool_writes.write(records)
     except Exception:  # the answer is ready; say loudly that its record is not
         log.exception("request records could not be spooled (%s)", path)
     if prediction is not None:

@@ -20,7 +20,7 @@ from cvops.records.schema import latest_drift_cause, latest_drift_rows, upgrade_
 from cvops.service.batching import MicroBatcher
 from cvops.service.metrics import ServiceMetrics
 from cvops.service.model_store import LoadedModel, ModelLoadError, load_model
-from cvops.service.recording import Recorder, refusal_reason
+from cvops.service.recording import Recorder, TurnCommit, refusal_reason
 from cvops.service.replicas import Desired, ModelState, ReplicaReport, ReplicaRow
 from cvops.service.settings import ServiceSettings
 from cvops.storage import open_storage
@@ -125,6 +125,7 @@ class ServiceState:
                 self.storage if settings.store_images is ImageStore.CENTRAL_STORAGE else None
             ),
         )
+        self.spool_writes = TurnCommit(self.recorder)
         self.replicas = ModelState(self.recorder.engine, settings.deployment, settings.replica_host)
         self._schema_ready = False
         self._db_reachable = True
