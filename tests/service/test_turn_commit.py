@@ -1,5 +1,5 @@
-"""`TurnCommit`: the requests that finish in one turn of the event loop reach the spool writer
-as one item, each returns only once its records are on disk, and one request's cancellation or
+"""`TurnCommit`: the requests that finish in one turn of the event loop share one spool commit,
+each returns only once its records are on disk, and one request's cancellation or
 a spool failure is handled per request."""
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ def spooled_ids(recorder: Recorder) -> list[str]:
     return [payload["id"] for _, _, payload in recorder.spool.take(1000)]
 
 
-def test_requests_of_one_turn_share_one_hand_over(recorder: Recorder) -> None:
-    hand_overs: list[int] = []
-    submit_groups = recorder.submit_groups
+def test_requests_of_one_turn_share_one_commit(recorder: Recorder) -> None:
+    commits: list[int] = []
+    write_groups = recorder.write_groups
 
-    def counted(groups: list[Records]):  # the real hand-over, counted
-        hand_overs.append(len(groups))
-        return submit_groups(groups)
+    def counted(groups: list[Records]) -> None:  # the real commit, counted
+        commits.append(len(groups))
+        write_groups(groups)
 
-    recorder.submit_groups = counted  # type: ignore[method-assign]
+    recorder.write_groups = counted  # type: ignore[method-assign]
     turn = TurnCommit(recorder)
     together = [[prediction(i)] for i in range(10)]
     later = [prediction(10)]
@@ -47,7 +47,7 @@ def test_requests_of_one_turn_share_one_hand_over(recorder: Recorder) -> None:
         await turn.write(later)
 
     asyncio.run(requests())
-    assert hand_overs == [10, 1]
+    assert commits == [10, 1]
     assert spooled_ids(recorder) == [r[0][1]["id"] for r in [*together, later]]  # in order
 
 

@@ -30,13 +30,11 @@ import json
 import logging
 import math
 import os
-import queue
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -284,10 +282,14 @@ def _latest_per_prediction(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class TurnCommit:
-    """The records of every request that finishes in one turn of the event loop, handed to
-    the spool writer as one item, and one wake-up back: at c=32 a model call's requests finish
-    together, and a hand-over (queue put, thread wake-up) and a completion callback each per
-    request cost ~10% of the event loop's time (py-spy, issue 14). Made per worker at start."""
+    """The records of every request that finishes in one turn of the event loop, spooled in
+    one commit at the end of that turn, on the event loop itself.
+
+    At c=32 a model call's requests finish together: one commit for all of them. At c=1 the
+    request waits for its commit anyway, and a hand-over to the spool writer thread and back
+    cost two thread wake-ups (~0.5 of the ~1 ms the spool stage took, issue 14). The loop is
+    blocked meanwhile, as it would be waiting; the fsync releases the GIL for the worker's
+    other threads. Made per worker at start."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -308,17 +310,12 @@ class TurnCommit:
         groups, done = self._groups, self._done
         self._groups, self._done = [], None
         assert done is not None
-        written = asyncio.wrap_future(self.recorder.submit_groups(groups))
-        written.add_done_callback(lambda _: _settle(done, written))
-
-
-def _settle(done: asyncio.Future[None], written: asyncio.Future[None]) -> None:
-    if done.cancelled():
-        return
-    if (err := written.exception()) is not None:
-        done.set_exception(err)
-    else:
-        done.set_result(None)
+        try:
+            self.recorder.write_groups(groups)
+        except Exception as err:  # disk full, ...: every waiting request hears of it
+            done.set_exception(err)
+        else:
+            done.set_result(None)
 
 
 class Recorder:
@@ -350,13 +347,9 @@ class Recorder:
         # records spooled since the flusher last ran: it is woken early only for a full batch
         # (one flush per record cost more CPU than the request itself at low load)
         self._spooled_since_flush = 0
+        self._spooled_lock = threading.Lock()  # counted by every thread that spools
         self._next_orphan_scan = 0.0
         self._thread = threading.Thread(target=self._run, name="db-flusher", daemon=True)
-        self._writes: queue.SimpleQueue[tuple[list[Records], Future[None]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
-        self._writer.start()
         self._schema_ready = False
         self.db_available = False
         self.dead_letters = 0
@@ -372,18 +365,6 @@ class Recorder:
         self.image_storage = image_storage
         self._fsync = fsync
         self._images_stored: set[str] = set()
-
-    def submit(self, records: Records) -> Future[None]:
-        """Queue one request's records for the spool; the future is done once they are on
-        disk. Requests arriving together share one transaction (group commit), so waiting for
-        durability before answering costs one commit per burst, not one per request."""
-        return self.submit_groups([records])
-
-    def submit_groups(self, groups: list[Records]) -> Future[None]:
-        """`submit` for the records of many requests at once: one hand-over to the writer."""
-        done: Future[None] = Future()
-        self._writes.put((groups, done))
-        return done
 
     def keep_input(self, prediction_id: str, x: np.ndarray, width: int, height: int) -> None:
         """Hold a prediction's model input until the flusher measures its image properties;
@@ -465,37 +446,19 @@ class Recorder:
                 continue
             payload["image_props"] = {k: v for k, v in props.items() if math.isfinite(v)}
 
-    def record(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        self.submit(records).result()
+    def record(self, records: Records) -> None:
+        """Spool one request's records (on disk when this returns)."""
+        self.write_groups([records])
 
-    def _write_loop(self) -> None:
-        while (first := self._writes.get()) is not None:
-            batch = [first]
-            stopping = False
-            while len(batch) < 256:
-                try:
-                    item = self._writes.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            try:
-                self.spool.put_groups([records for groups, _ in batch for records in groups])
-            except Exception as err:  # disk full, ...: every waiting request hears of it
-                for _, done in batch:
-                    done.set_exception(err)
-            else:
-                for _, done in batch:
-                    done.set_result(None)
-                self._spooled_since_flush += sum(
-                    len(records) for groups, _ in batch for records in groups
-                )
-                if self._spooled_since_flush >= self.batch_size:
-                    self._wake.set()
-            if stopping:
-                return
+    def write_groups(self, groups: list[Records]) -> None:
+        """Spool the records of many requests in one commit (group commit), in the caller's
+        thread; the flusher is woken early once a full batch waits."""
+        self.spool.put_groups(groups)
+        with self._spooled_lock:
+            self._spooled_since_flush += sum(len(records) for records in groups)
+            full = self._spooled_since_flush >= self.batch_size
+        if full:
+            self._wake.set()
 
     def pending(self) -> int:
         return self.spool.pending()
@@ -550,8 +513,6 @@ class Recorder:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._writes.put(None)  # after every record already submitted
-        self._writer.join(timeout)
         self._stop.set()
         self._wake.set()
         if self._thread.ident is not None:  # a recorder stopped before it started still flushes
@@ -571,8 +532,6 @@ class Recorder:
     def drain(self) -> int:
         """Write every record of this recorder's spool now, then close it (removed when
         empty); the database errors of a flush propagate, and the records stay spooled."""
-        self._writes.put(None)
-        self._writer.join()
         try:
             return self._flush_spool(self.spool)
         finally:
