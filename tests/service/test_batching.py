@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -70,3 +72,47 @@ def test_failed_batch_fails_its_callers_and_batcher_survives() -> None:
             return result
 
     assert run(main()) == 2
+
+
+def test_a_lone_item_runs_on_the_loop_only_when_alone_and_fast() -> None:
+    """Where `fn` ran: the event loop's thread for a lone item while nothing else is in
+    flight; the executor for a batch of two, while others are in flight, and after a lone
+    call slower than `inline_max_s` (until a lone call is fast again)."""
+    threads: list[tuple[int, str]] = []
+    delay = {"s": 0.0}
+    others = {"in_flight": False}
+
+    def fn(xs: list[int]) -> list[int]:
+        time.sleep(delay["s"])
+        threads.append((len(xs), threading.current_thread().name))
+        return [x * 10 for x in xs]
+
+    async def main() -> list[int]:
+        loop_thread = threading.current_thread().name
+        with ThreadPoolExecutor(1, thread_name_prefix="inference") as pool:
+            batcher = MicroBatcher(
+                fn,
+                pool,
+                max_size=8,
+                max_wait_s=0.0,
+                alone=lambda: not others["in_flight"],
+                inline_max_s=0.05,
+            )
+            batcher.start()
+            results = [await batcher.submit(1)]  # alone: on the loop
+            results += await asyncio.gather(batcher.submit(2), batcher.submit(3))  # a batch of 2
+            others["in_flight"] = True
+            results.append(await batcher.submit(4))  # not alone
+            others["in_flight"] = False
+            delay["s"] = 0.1
+            results.append(await batcher.submit(5))  # alone, on the loop, but slow
+            delay["s"] = 0.0
+            results.append(await batcher.submit(6))  # after a slow lone call: the executor
+            results.append(await batcher.submit(7))  # fast again: the loop
+            await batcher.stop()
+        where = [("loop" if name == loop_thread else "executor") for _, name in threads]
+        assert [n for n, _ in threads] == [1, 2, 1, 1, 1, 1]
+        assert where == ["loop", "executor", "executor", "loop", "executor", "loop"]
+        return results
+
+    assert run(main()) == [10, 20, 30, 40, 50, 60, 70]

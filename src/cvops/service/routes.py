@@ -158,6 +158,16 @@ async def predict_payload(
     """(JSON answer, `predictions` record) of one upload: the whole of `/predict` but the HTTP
     around it, shared by the route and the direct lane of `cvops.service.app.ServiceApp`.
     Raises HTTPException (4xx, 503) before any inference, never after."""
+    state.predictions_in_flight += 1  # a lone one may run its step on the event loop
+    try:
+        return await _predict_payload(state, body, content_type, heatmaps)
+    finally:
+        state.predictions_in_flight -= 1
+
+
+async def _predict_payload(
+    state: ServiceState, body: bytes, content_type: str | None, heatmaps: bool
+) -> tuple[bytes, dict[str, Any]]:
     model = state.model
     if model is None:
         raise HTTPException(503, "no model loaded yet")

@@ -114,7 +114,9 @@ class ServiceState:
             max_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000,
             on_batch=self.metrics.batch_size.observe,
+            alone=lambda: self.predictions_in_flight <= 1,
         )
+        self.predictions_in_flight = 0  # /predict requests between their upload and answer
         self.recorder = Recorder(
             settings.resolved_db_url,
             settings.spool_dir,
