@@ -131,9 +131,13 @@ def test_every_200_has_its_row_exactly_once(
     assert len(load.ok) >= 4 * (5 + 15 + 5), (len(load.ok), load.failed)
     stored = db_ids(url, "predictions")
     assert len(stored) == len(set(stored))  # exactly once
-    assert set(stored) == set(load.ok)  # every 200, and nothing else
+    assert set(stored) >= set(load.ok)  # every 200
+    # and nothing else but requests whose answer died with the killed worker: spooled, then
+    # killed before the answer left (the client saw the connection drop, not a 200)
+    dropped = sum(n for outcome, n in load.failed.items() if not outcome.isdigit())
+    assert len(set(stored) - set(load.ok)) <= dropped, (len(stored), len(load.ok), load.failed)
     logged = [p for p in db_ids(url, "api_log", "prediction_id") if p]
-    assert sorted(logged) == sorted(load.ok)
+    assert sorted(logged) == sorted(stored)  # each with its api_log row, once
     methods = Counter(db_ids(url, "api_log", "method"))
     assert methods["UNSUBSCRIBE"] == 6
     assert Counter(db_ids(url, "api_log", "url"))["/x%00"] == 6
