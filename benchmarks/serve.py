@@ -1456,7 +1456,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     print(f"wrote {args.output} ({seconds:.0f} s)")
-    return 0 if all(run.rows_ok and not run.errors for run in [*runs, no_props]) else 1
+    # the exit status is cvops' (errors, rows); the reference's errors are its own findings,
+    # in the table and the log findings (its worker drops a connection now and then at c=8)
+    reference, ours = runs[:-1], [runs[-1], no_props]
+    for run in reference:
+        if run.errors or not run.rows_ok:
+            print(f"note: {run.label}: {run.errors} errors, rows ok: {run.rows_ok} (not cvops')")
+    return 0 if all(run.rows_ok and not run.errors for run in ours) else 1
 
 
 if __name__ == "__main__":
