@@ -67,7 +67,7 @@ from cvops.records.schema import (
 from cvops.storage import CentralStorage, StoragePathError
 
 log = logging.getLogger(__name__)
-Records = list[tuple[str, dict[str, Any]]]  # one request's records: (kind, payload), in order
+Records = list[tuple[str, dict[str, Any]]]  # (kind, payload) pairs, in order (parents first)
 
 TABLES: dict[str, Table] = {
     "prediction": Prediction.__table__,  # type: ignore[dict-item]
@@ -191,10 +191,10 @@ class Spool:
         except BlockingIOError:
             return None
 
-    def put(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+    def put(self, records: Records) -> None:
         self.put_groups([records])
 
-    def put_groups(self, groups: list[list[tuple[str, dict[str, Any]]]]) -> None:
+    def put_groups(self, groups: list[Records]) -> None:
         """Append the records of many requests in one transaction, in order (parents before
         children): one commit for all of them."""
         rows = [(kind, spool_json(payload)) for records in groups for kind, payload in records]
@@ -248,7 +248,7 @@ def feedback_record(prediction_id: str, label: str) -> dict[str, Any]:
     }
 
 
-def write_batch(engine: Engine, records: list[tuple[str, dict[str, Any]]]) -> None:
+def write_batch(engine: Engine, records: Records) -> None:
     """Insert a batch in one transaction; rows already there are skipped (exactly once), and a
     prediction's feedback replaces an older label (one label per prediction, the latest wins)."""
     insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
@@ -286,8 +286,8 @@ class TurnCommit:
     one commit at the end of that turn, on the event loop itself.
 
     At c=32 a model call's requests finish together: one commit for all of them. At c=1 the
-    request waits for its commit anyway, and a hand-over to the spool writer thread and back
-    cost two thread wake-ups (~0.5 of the ~1 ms the spool stage took, issue 14). The loop is
+    request waits for its commit anyway; the spool-writer thread this replaced cost two thread
+    wake-ups per hand-over (~0.5 of the ~1 ms the spool stage took, issue 14). The loop is
     blocked meanwhile, as it would be waiting; the fsync releases the GIL for the worker's
     other threads. Made per worker at start."""
 
@@ -386,7 +386,7 @@ class Recorder:
             for key in [k for k, held in self._inputs.items() if held[3] < cutoff]:
                 self._inputs_bytes -= self._inputs.pop(key)[0].nbytes
 
-    def _release_inputs(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+    def _release_inputs(self, records: Records) -> None:
         """Forget the inputs of predictions now written (or dead-lettered)."""
         with self._inputs_lock:
             for kind, payload in records:
@@ -396,7 +396,7 @@ class Recorder:
                         self._inputs_bytes -= held[0].nbytes
                     self._images_stored.discard(str(payload.get("id")))
 
-    def _store_images(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+    def _store_images(self, records: Records) -> None:
         """Move the images of the batch's predictions to central storage, all before any row
         is written: each record loses its base64 images and its `prediction_json` gains the
         keys. ImageStoreUnavailable (the batch stays spooled, retried) when storage fails."""
@@ -428,7 +428,7 @@ class Recorder:
             ) from err
         self._images_stored.update(moved)
 
-    def _add_properties(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+    def _add_properties(self, records: Records) -> None:
         """`image_props` of every prediction whose model input is held. The input stays held
         until the row is written: a batch re-read from the spool after an outage is measured
         again."""
@@ -554,7 +554,7 @@ class Recorder:
             moved += len(batch)
         return moved
 
-    def _write_or_split(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+    def _write_or_split(self, records: Records) -> None:
         """Write a batch; if the database refuses it (and is not simply unreachable), halve it
         until the refused records are isolated and dead-lettered. Halves keep spool order, so
         a prediction is still written before its api_log row."""

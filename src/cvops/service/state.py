@@ -108,6 +108,7 @@ class ServiceState:
         # database calls of the model-state protocol, off the event loop and never queued
         # behind a model load
         self.state_executor = ThreadPoolExecutor(1, thread_name_prefix="model-state")
+        self.predictions_in_flight = 0  # /predict requests between their upload and answer
         self.batcher: MicroBatcher[InferenceItem, InferenceResult] = MicroBatcher(
             run_batch,
             self.inference_executor,
@@ -116,7 +117,6 @@ class ServiceState:
             on_batch=self.metrics.batch_size.observe,
             alone=lambda: self.predictions_in_flight <= 1,
         )
-        self.predictions_in_flight = 0  # /predict requests between their upload and answer
         self.recorder = Recorder(
             settings.resolved_db_url,
             settings.spool_dir,
