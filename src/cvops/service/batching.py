@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 
 class MicroBatcher(Generic[T, R]):
@@ -62,6 +63,22 @@ class MicroBatcher(Generic[T, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
         return await future
+
+    def run_alone(self, fn: Callable[[], V]) -> tuple[V, float] | None:
+        """(fn(), its seconds) run on the event loop now, where a lone item's call would run
+        there (nothing else in flight, the last lone call within `inline_max_s`), counted as a
+        batch of one; None otherwise. For a caller whose model call does more than the batch
+        function (one upload decoded, resized and inferred in one TensorFlow call)."""
+        if self._lone_s > self._inline_max_s or not (self._alone and self._alone()):
+            return None
+        started = time.perf_counter()
+        try:
+            value = fn()
+        finally:
+            self._lone_s = time.perf_counter() - started
+        if self._on_batch:
+            self._on_batch(1)
+        return value, self._lone_s
 
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = [await self._queue.get()]

@@ -13,13 +13,21 @@ from typing import Annotated, Any, TypeVar
 
 import cv2
 import numpy as np
+import tensorflow as tf
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 
 from cvops.model.gradcam import blend, colorize_bgr, heatmap_to_image
-from cvops.service.images import BadImage, fit_within, open_upload, png_base64, read_upload
+from cvops.service.images import (
+    TF_DECODABLE,
+    BadImage,
+    fit_within,
+    open_upload,
+    png_base64,
+    read_upload,
+)
 from cvops.service.model_store import METADATA_NAME, LoadedModel, ModelLoadError
 from cvops.service.recording import feedback_record
 from cvops.service.schemas import (
@@ -105,6 +113,40 @@ def _prepare(
     return cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR), model.prepare(rgb)
 
 
+async def _infer_alone(
+    state: ServiceState, model: LoadedModel, data: bytes, opened: Image.Image
+) -> tuple[np.ndarray, np.ndarray, InferenceResult] | None:
+    """(heatmap picture (BGR), model input, result) of a request on its own: its upload decoded,
+    resized and inferred in one TensorFlow call on the event loop
+    (`cvops.service.model_store.upload_inference`, where the batcher would run a lone item's
+    call). None where that does not apply: other requests in flight, a slow model, an upload
+    for `_prepare` (a format TensorFlow does not read, one decoded reduced, a large one) or
+    bytes TensorFlow refuses (`_prepare` then decodes them, with its fallbacks and reasons)."""
+    width, height = opened.size
+    heatmap_side = state.settings.heatmap_max_side
+    if (
+        model.infer_upload is None
+        or opened.format not in TF_DECODABLE
+        or max(width, height) >= 2 * max(heatmap_side, *model.size)  # `read_upload` reduces
+        or width * height > INLINE_MAX_PIXELS
+    ):
+        return None
+    # one turn of the event loop first: requests that arrived meanwhile are then in flight too,
+    # as when a lone item reaches the batcher (without it, under load each request found
+    # none other in flight and they all went alone, one by one: no batches)
+    await asyncio.sleep(0)
+    infer_upload = model.infer_upload
+    try:
+        called = state.batcher.run_alone(lambda: infer_upload(data))
+    except tf.errors.OpError:
+        return None
+    if called is None:
+        return None
+    (rgb, x, (probs, uae, bbsd, hidden, cams)), seconds = called
+    bgr = cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR)
+    return bgr, x, InferenceResult(probs[0], uae[0], bbsd[0], hidden[0], cams[0], seconds)
+
+
 async def _run_sized(pixels: int, fn: Callable[..., T], *args: Any) -> T:
     """Small images on the event loop, large ones in a thread. A thread hop costs more than
     decoding or drawing a small image, and the GIL serialises the Python part anyway; a large
@@ -179,20 +221,27 @@ async def _predict_payload(
     try:
         opened = open_upload(data, state.settings.max_image_pixels)  # the header: cheap
         width, height = opened.size
-        bgr, x = await _run_sized(
-            width * height,
-            _prepare,
-            data,
-            opened,
-            model,
-            state.settings.max_image_pixels,
-            state.settings.heatmap_max_side,
-        )
+        alone = await _infer_alone(state, model, data, opened)
+        if alone is None:
+            bgr, x = await _run_sized(
+                width * height,
+                _prepare,
+                data,
+                opened,
+                model,
+                state.settings.max_image_pixels,
+                state.settings.heatmap_max_side,
+            )
     except BadImage as err:
         raise HTTPException(err.status, err.reason) from None
-    prepared = time.perf_counter()
-    result = await state.batcher.submit(InferenceItem(model, x))
-    inferred = time.perf_counter()
+    if alone is None:
+        prepared = time.perf_counter()
+        result = await state.batcher.submit(InferenceItem(model, x))
+        inferred = time.perf_counter()
+    else:  # decoded and resized in the model call: the rest of the time is preprocessing
+        bgr, x, result = alone
+        inferred = time.perf_counter()
+        prepared = inferred - result.step_s
     png_level = state.settings.png_compression
     raw_hm, overlaid = (
         await _run_sized(bgr.shape[0] * bgr.shape[1], _render, bgr, result, png_level)
