@@ -404,3 +404,41 @@ def test_openapi_schema_says_what_is_accepted(
         assert c.put("/update_model/fruit.yaml", headers=AUTH).status_code == 200
         label = c.get("/openapi.json").json()["components"]["schemas"]["FeedbackRequest"]
         assert label["properties"]["label"]["enum"] == fruit  # not cached across the swap
+
+
+def test_a_lone_request_takes_the_one_call_path_with_the_batched_answer(client) -> None:
+    """A request on its own is decoded, resized and inferred in one TensorFlow call; its
+    answer is the one the batched path gives (the model without its one-call function)."""
+    import dataclasses
+
+    state = client.app.state.svc
+    model = state.model
+    calls: list[int] = []
+
+    def counted(data: bytes):  # type: ignore[no-untyped-def]
+        calls.append(len(data))
+        return model.infer_upload(data)
+
+    upload = {"file": ("x.jpg", image_bytes("JPEG", (120, 90), seed=11))}
+    try:
+        state.model = dataclasses.replace(model, infer_upload=counted)
+        alone = client.post("/predict", files=upload).json()
+        state.model = dataclasses.replace(model, infer_upload=None)
+        batched = client.post("/predict", files=upload).json()
+    finally:
+        state.model = model
+    assert len(calls) == 1
+    assert alone["predicted_class"] == batched["predicted_class"]
+    for key in ("uae_feats", "bbsd_feats", "hidden_feats"):
+        np.testing.assert_allclose(alone[key], batched[key], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        list(alone["prediction"].values()), list(batched["prediction"].values()), atol=1e-5
+    )
+    heat = [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(r["raw_hm_img"])))).astype(int)
+        for r in (alone, batched)
+    ]
+    assert heat[0].shape == heat[1].shape == (90, 120, 3)
+    # the Grad-CAM maps agree to float32 rounding; a level of the colour map can flip
+    differ = np.abs(heat[0] - heat[1]).max(axis=2)
+    assert (differ > 0).mean() < 0.01 and differ.max() <= 8

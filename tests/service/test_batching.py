@@ -116,3 +116,44 @@ def test_a_lone_item_runs_on_the_loop_only_when_alone_and_fast() -> None:
         return results
 
     assert run(main()) == [10, 20, 30, 40, 50, 60, 70]
+
+
+def test_run_alone_only_where_a_lone_item_would_run_on_the_loop() -> None:
+    """`run_alone` runs its call on the event loop and counts a batch of one where a lone item
+    would run there; None while others are in flight and after a lone call slower than
+    `inline_max_s` (until a lone call is fast again)."""
+    batches: list[int] = []
+    others = {"in_flight": False}
+
+    def slow() -> str:
+        time.sleep(0.1)
+        return "slow"
+
+    async def main() -> list[object]:
+        loop_thread = threading.current_thread().name
+        with ThreadPoolExecutor(1, thread_name_prefix="inference") as pool:
+            batcher = MicroBatcher(
+                lambda xs: [x * 10 for x in xs],
+                pool,
+                max_wait_s=0.0,
+                on_batch=batches.append,
+                alone=lambda: not others["in_flight"],
+                inline_max_s=0.05,
+            )
+            batcher.start()
+            got: list[object] = []
+            called = batcher.run_alone(lambda: threading.current_thread().name)
+            assert called is not None and called[1] >= 0
+            got.append(called[0] == loop_thread)
+            others["in_flight"] = True
+            got.append(batcher.run_alone(lambda: "not alone"))
+            others["in_flight"] = False
+            got.append(batcher.run_alone(slow)[0])  # type: ignore[index]
+            got.append(batcher.run_alone(lambda: "after a slow call"))
+            got.append(await batcher.submit(1))  # a fast lone item on the loop: fast again
+            got.append(batcher.run_alone(lambda: "fast again")[0])  # type: ignore[index]
+            await batcher.stop()
+        return got
+
+    assert run(main()) == [True, None, "slow", None, 10, "fast again"]
+    assert batches == [1, 1, 1, 1]

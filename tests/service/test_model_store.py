@@ -73,3 +73,33 @@ def test_bbsd_read_off_the_classifier_equals_the_packaged_detector(tmp_path: Pat
     probs, _, bbsd_feats, _, _ = load_model(storage, "shared.yaml").infer(batch)
     np.testing.assert_allclose(bbsd_feats, bbsd(batch).numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(bbsd_feats, probs, atol=1e-4)
+
+
+def test_upload_inference_equals_decode_prepare_and_batched_step(tmp_path: Path) -> None:
+    """A lone request's one-call path (decode and resize inside the compiled graph) gives what
+    the batched path gives for the same upload (training's decode, the NumPy resize, the
+    step), for JPEG and PNG; bytes TensorFlow cannot decode raise its error (the route then
+    takes the batched path, with its fallbacks and reasons)."""
+    import tensorflow as tf
+
+    from cvops.service.images import read_upload
+
+    package(tmp_path, "fused", "1", seed=7)
+    loaded = load_model(CentralStorage(tmp_path), "fused.yaml")
+    assert loaded.infer_upload is not None
+    for fmt, size in (("JPEG", (120, 90)), ("PNG", (64, 48)), ("PNG", (31, 77))):
+        data = image_bytes(fmt, size, seed=len(fmt) + size[0])
+        rgb, x, outputs = loaded.infer_upload(data)
+        decoded, _ = read_upload(data, 40_000_000)
+        np.testing.assert_array_equal(rgb, decoded)
+        np.testing.assert_allclose(x, loaded.prepare(decoded), rtol=1e-5, atol=1e-6)
+        batched = loaded.infer(loaded.prepare(decoded)[None])
+        for fused, expected in zip(outputs, batched, strict=True):
+            assert fused.shape == expected.shape
+            np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-5)
+    try:
+        loaded.infer_upload(image_bytes("JPEG")[:200])
+    except tf.errors.OpError:
+        pass
+    else:
+        raise AssertionError("a truncated JPEG decoded")
