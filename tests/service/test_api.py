@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gc
 import io
 import json
@@ -409,8 +410,6 @@ def test_openapi_schema_says_what_is_accepted(
 def test_a_lone_request_takes_the_one_call_path_with_the_batched_answer(client) -> None:
     """A request on its own is decoded, resized and inferred in one TensorFlow call; its
     answer is the one the batched path gives (the model without its one-call function)."""
-    import dataclasses
-
     state = client.app.state.svc
     model = state.model
     calls: list[int] = []

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
@@ -64,21 +64,30 @@ class MicroBatcher(Generic[T, R]):
         await self._queue.put((item, future))
         return await future
 
+    def inline_allowed(self) -> bool:
+        """Whether a lone call would run on the event loop now: nothing else in flight and
+        the last lone call within `inline_max_s`."""
+        return self._lone_s <= self._inline_max_s and self._alone is not None and self._alone()
+
     def run_alone(self, fn: Callable[[], V]) -> tuple[V, float] | None:
-        """(fn(), its seconds) run on the event loop now, where a lone item's call would run
-        there (nothing else in flight, the last lone call within `inline_max_s`), counted as a
+        """(fn(), its seconds) run on the event loop now where `inline_allowed`, counted as a
         batch of one; None otherwise. For a caller whose model call does more than the batch
         function (one upload decoded, resized and inferred in one TensorFlow call)."""
-        if self._lone_s > self._inline_max_s or not (self._alone and self._alone()):
+        if not self.inline_allowed():
             return None
-        started = time.perf_counter()
-        try:
+        with self._timed_lone_call():
             value = fn()
-        finally:
-            self._lone_s = time.perf_counter() - started
         if self._on_batch:
             self._on_batch(1)
         return value, self._lone_s
+
+    @contextlib.contextmanager
+    def _timed_lone_call(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._lone_s = time.perf_counter() - started
 
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = [await self._queue.get()]
@@ -121,12 +130,9 @@ class MicroBatcher(Generic[T, R]):
                     fut.set_result(result)
 
     async def _call(self, items: list[T], loop: asyncio.AbstractEventLoop) -> Sequence[R]:
-        lone = len(items) == 1
-        started = time.perf_counter()
-        try:
-            if lone and self._lone_s <= self._inline_max_s and self._alone and self._alone():
+        if len(items) > 1:
+            return await loop.run_in_executor(self._executor, self._fn, items)
+        with self._timed_lone_call():
+            if self.inline_allowed():
                 return self._fn(items)
             return await loop.run_in_executor(self._executor, self._fn, items)
-        finally:
-            if lone:
-                self._lone_s = time.perf_counter() - started

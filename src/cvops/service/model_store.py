@@ -11,7 +11,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import keras
 import numpy as np
@@ -42,6 +41,8 @@ class ModelLoadError(RuntimeError):
 
 InferFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]  # probs, uae, bbsd, hidden, cams
 PrepareFn = Callable[[np.ndarray], np.ndarray]  # RGB uint8 (H, W, 3) -> model input (h, w, 3)
+# model inputs (batch, h, w, 3) -> probs, uae, bbsd, hidden, cams: the traced step
+StepFn = Callable[[tf.Tensor], tuple[tf.Tensor, ...]]
 # encoded upload -> (its RGB uint8 pixels, model input, the step's outputs for a batch of one)
 UploadInferFn = Callable[[bytes], tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]]
 
@@ -179,7 +180,7 @@ def compile_step(
     bbsd: keras.Model,
     meta: ModelMetadata,
     hidden: keras.Model | None = None,
-) -> Any:
+) -> StepFn:
     """One step, a `tf.function`: probabilities + Grad-CAM, UAE, BBSD and (when the model has
     the layer) hidden features for a batch; without the layer the hidden features are
     (batch, 0). One forward pass through the classifier serves Grad-CAM, the hidden features
@@ -209,7 +210,7 @@ def compile_step(
     return step
 
 
-def batch_inference(step: Any, size: tuple[int, int]) -> InferFn:
+def batch_inference(step: StepFn, size: tuple[int, int]) -> InferFn:
     def infer(batch: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(t.numpy() for t in step(tf.convert_to_tensor(batch)))
 
@@ -217,7 +218,7 @@ def batch_inference(step: Any, size: tuple[int, int]) -> InferFn:
     return infer
 
 
-def upload_inference(step: Any, size: tuple[int, int]) -> UploadInferFn:
+def upload_inference(step: StepFn, size: tuple[int, int]) -> UploadInferFn:
     """One upload from its encoded bytes to the step's outputs in one TensorFlow call:
     training's own decode and resize (`preprocess_image`'s parts) inside the compiled graph.
 

@@ -109,8 +109,18 @@ def _prepare(
     """(image the heatmaps are drawn on (BGR), model input), both from one decode of the upload:
     the model input through the shared `resize_and_scale`, the picture at most `heatmap_side` on
     its longest side. The full decode is dropped here, before the request waits for its batch."""
-    rgb, _ = read_upload(data, max_pixels, max(heatmap_side, *model.size), opened)
-    return cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR), model.prepare(rgb)
+    rgb, _ = read_upload(data, max_pixels, keep_side(model, heatmap_side), opened)
+    return heatmap_picture(rgb, heatmap_side), model.prepare(rgb)
+
+
+def keep_side(model: LoadedModel, heatmap_side: int) -> int:
+    """The longest side an upload's decode must keep: for the heatmaps and the model input."""
+    return max(heatmap_side, *model.size)
+
+
+def heatmap_picture(rgb: np.ndarray, heatmap_side: int) -> np.ndarray:
+    """The image the heatmaps are drawn on: at most `heatmap_side` on its longest side, BGR."""
+    return cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR)
 
 
 async def _infer_alone(
@@ -124,27 +134,27 @@ async def _infer_alone(
     bytes TensorFlow refuses (`_prepare` then decodes them, with its fallbacks and reasons)."""
     width, height = opened.size
     heatmap_side = state.settings.heatmap_max_side
+    infer_upload = model.infer_upload
     if (
-        model.infer_upload is None
+        infer_upload is None
         or opened.format not in TF_DECODABLE
-        or max(width, height) >= 2 * max(heatmap_side, *model.size)  # `read_upload` reduces
+        or max(width, height) >= 2 * keep_side(model, heatmap_side)  # `read_upload` reduces
         or width * height > INLINE_MAX_PIXELS
+        or not state.batcher.inline_allowed()  # others in flight already: no need to look
     ):
         return None
     # one turn of the event loop first: requests that arrived meanwhile are then in flight too,
     # as when a lone item reaches the batcher (without it, under load each request found
     # none other in flight and they all went alone, one by one: no batches)
     await asyncio.sleep(0)
-    infer_upload = model.infer_upload
     try:
         called = state.batcher.run_alone(lambda: infer_upload(data))
     except tf.errors.OpError:
         return None
     if called is None:
         return None
-    (rgb, x, (probs, uae, bbsd, hidden, cams)), seconds = called
-    bgr = cv2.cvtColor(fit_within(rgb, heatmap_side), cv2.COLOR_RGB2BGR)
-    return bgr, x, InferenceResult(probs[0], uae[0], bbsd[0], hidden[0], cams[0], seconds)
+    (rgb, x, outputs), seconds = called
+    return heatmap_picture(rgb, heatmap_side), x, InferenceResult.of_row(outputs, 0, seconds)
 
 
 async def _run_sized(pixels: int, fn: Callable[..., T], *args: Any) -> T:

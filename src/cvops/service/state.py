@@ -45,6 +45,12 @@ class InferenceResult:
     cam: np.ndarray
     step_s: float = 0.0  # the model call of this item's batch (the rest of its wait is queue)
 
+    @classmethod
+    def of_row(cls, outputs: tuple[np.ndarray, ...], row: int, step_s: float) -> InferenceResult:
+        """One item's share of a model call's outputs (probs, uae, bbsd, hidden, cams)."""
+        probs, uae, bbsd, hidden, cams = outputs
+        return cls(probs[row], uae[row], bbsd[row], hidden[row], cams[row], step_s)
+
 
 def run_batch(items: Sequence[InferenceItem]) -> list[InferenceResult]:
     """One model call per distinct model in the batch (a reload can straddle a batch)."""
@@ -55,12 +61,10 @@ def run_batch(items: Sequence[InferenceItem]) -> list[InferenceResult]:
     for indices in groups.values():
         model = items[indices[0]].model
         started = time.perf_counter()
-        probs, uae, bbsd, hidden, cams = model.infer(np.stack([items[i].image for i in indices]))
+        outputs = model.infer(np.stack([items[i].image for i in indices]))
         step_s = time.perf_counter() - started
         for row, i in enumerate(indices):
-            results[i] = InferenceResult(
-                probs[row], uae[row], bbsd[row], hidden[row], cams[row], step_s
-            )
+            results[i] = InferenceResult.of_row(outputs, row, step_s)
     return results  # type: ignore[return-value]
 
 
